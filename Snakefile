@@ -1,0 +1,72 @@
+# The pipeline for Snakemake. Its rules are made from src/selfperceptual/dag.py, the same
+# description dvc.yaml is generated from, so both tools run the same commands on the same paths.
+#   snakemake --cores all                      # the scale params.yaml names (local)
+#   snakemake --cores all --config scale=smoke
+#   snakemake --profile workflow/profiles/slurm  # on a cluster
+import json
+import os
+import uuid
+
+import yaml
+from snakemake.exceptions import WorkflowError
+
+from selfperceptual import tracking
+from selfperceptual.config import ParamsError, load_params
+from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values
+
+configfile: PARAMS_FILE
+
+try:
+    SCALE, CONFIG = load_params(PARAMS_FILE, config.get("scale"))
+except ParamsError as error:
+    raise WorkflowError(str(error))
+MISSING = missing_external_inputs(CONFIG)
+if MISSING:
+    raise WorkflowError(f"scale {SCALE!r} needs external inputs that are missing:\n  " + "\n  ".join(MISSING))
+
+# One id for every MLflow run of this execution (jobs on a cluster inherit it).
+os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]}")
+STAGES = build_stages()
+
+
+def at_scale(path):
+    return path.format(scale=SCALE)
+
+
+rule all:
+    input:
+        at_scale("runs/{scale}/report"),
+
+
+for stage in STAGES:
+
+    rule:
+        name:
+            stage.name
+        input:
+            [at_scale(dep) for dep in stage.deps],
+        output:
+            directory(at_scale(stage.out)),
+        params:
+            # The command goes through params: `shell:` is evaluated when the job runs, after
+            # this loop has moved on, while params are bound now.
+            cmd=at_scale(stage.cmd),
+            values=json.dumps(param_values(CONFIG, stage.params), sort_keys=True),
+        shell:
+            "{params.cmd}"
+
+
+onstart:
+    tracking.prepare(SCALE)
+
+
+onsuccess:
+    # Record what ran with DVC, so `dvc status` agrees with Snakemake. dvc.yaml follows the scale
+    # params.yaml names; a run of another scale (--config scale=...) is left unrecorded.
+    with open(PARAMS_FILE) as handle:
+        dvc_scale = yaml.safe_load(handle)["scale"]
+    done = [stage.name for stage in STAGES if os.path.isdir(at_scale(stage.out))]
+    if dvc_scale == SCALE and done and os.path.isdir(".dvc"):
+        shell("dvc commit --force --quiet " + " ".join(done))
+    elif dvc_scale != SCALE:
+        print(f"Not recorded in dvc.lock: params.yaml's scale is {dvc_scale!r}, this run's is {SCALE!r}.")

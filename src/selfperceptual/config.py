@@ -1,0 +1,220 @@
+"""Typed, validated configuration read from ``params.yaml``.
+
+``params.yaml`` holds ``scale`` (which block is in force) and one block per scale (``smoke``,
+``local``, ``paper``). Every block has the same schema; only values differ between scales.
+Unknown keys and wrong types are errors that name the dotted key.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+SCALES = ("smoke", "local", "paper")
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+
+
+class CorpusConfig(Section):
+    """Where the raw data comes from.
+
+    ``synthetic`` builds a LAION-schema corpus offline; ``external`` reads a LAION metadata
+    parquet and MSCOCO-2014 captions from the given paths (the paper scale).
+    """
+
+    source: Literal["synthetic", "external"]
+    seed: int = 0
+    num_train_rows: int = Field(gt=0)
+    num_eval_captions: int = Field(gt=0)
+    num_featnet_images: int = Field(ge=0)
+    min_source_side: int = Field(gt=0)
+    max_source_side: int = Field(gt=0)
+    broken_fraction: float = Field(ge=0.0, lt=1.0)
+    laion_parquet: str | None = None
+    coco_captions: str | None = None
+    coco_images: str | None = None
+
+
+class FilterConfig(Section):
+    min_aesthetic: float  # rows kept when AESTHETIC_SCORE > min_aesthetic
+    min_side: int  # rows kept when min(WIDTH, HEIGHT) > min_side
+    max_punsafe: float | None = None
+    max_pwatermark: float | None = None
+
+
+class DownloadConfig(Section):
+    resolution: int = Field(gt=0)
+    processes: int = Field(gt=0)
+    threads: int = Field(gt=0)
+    shard_size: int = Field(gt=0)
+    timeout_s: int = Field(gt=0)
+
+
+class TinyVaeConfig(Section):
+    block_out_channels: list[int]
+    latent_channels: int = 4
+    norm_num_groups: int
+    train_steps: int = Field(ge=0)
+    batch: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    kl_weight: float = Field(ge=0)
+
+
+class TinyTextConfig(Section):
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    max_length: int
+
+
+class TinyUNetConfig(Section):
+    block_out_channels: list[int]
+    layers_per_block: int
+    attention_head_dim: int
+    norm_num_groups: int
+
+
+class BaseModelConfig(Section):
+    """``pretrained`` is a local path or hub id (paper: SD 2.1-base); null builds the tiny model."""
+
+    pretrained: str | None
+    seed: int = 0
+    vae: TinyVaeConfig | None = None
+    text: TinyTextConfig | None = None
+    unet: TinyUNetConfig | None = None
+
+    @model_validator(mode="after")
+    def _tiny_needs_settings(self):
+        missing = [name for name in ("vae", "text", "unet") if self.pretrained is None and getattr(self, name) is None]
+        if missing:
+            raise ValueError(f"pretrained is null, so the tiny model's {', '.join(missing)} settings are required")
+        return self
+
+
+class EncodeConfig(Section):
+    batch: int = Field(gt=0)
+
+
+class ScheduleConfig(Section):
+    beta_start: float
+    beta_end: float
+    num_train_timesteps: int = Field(gt=1)
+
+
+class ObjectiveConfig(Section):
+    num_steps: int = Field(gt=0)
+    condition_dropout: float = Field(ge=0.0, le=1.0)
+    learning_rate: float = Field(gt=0)
+
+
+class SelfPerceptualConfig(ObjectiveConfig):
+    layer: Literal["midblock", "encoder", "decoder", "encoder_midblock"] = "midblock"
+    t_prime: Literal["uniform", "near40", "normal100"] = "uniform"
+    distance: Literal["mse", "mae"] = "mse"
+    formulation: Literal["sp", "sp2"] = "sp"
+
+
+class TrainConfig(Section):
+    seed: int = 0
+    global_batch: int = Field(gt=0)
+    ema_decay: float = Field(ge=0.0, lt=1.0)
+    log_every_steps: int = Field(gt=0)
+    num_threads: int = Field(ge=0)  # 0: let torch decide
+    mse: ObjectiveConfig
+    sp: SelfPerceptualConfig
+
+
+class FeatNetConfig(Section):
+    """The evaluation feature network: ``tiny`` is trained on held-out real corpus images,
+    ``inception`` is clean-fid's Inception-v3 (paper scale)."""
+
+    kind: Literal["tiny", "inception"]
+    train_steps: int = Field(ge=0)
+    batch: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+    feature_dim: int = Field(gt=0)
+
+
+class SampleConfig(Section):
+    num_images: int = Field(gt=0)
+    batch: int = Field(gt=0)
+    seed: int = 0
+    eta: float = 0.0
+
+
+class EvaluateConfig(Section):
+    is_splits: int = Field(gt=0)
+    batch: int = Field(gt=0)
+
+
+class ReportConfig(Section):
+    grid_images: int = Field(gt=0)
+
+
+class ScaleConfig(Section):
+    corpus: CorpusConfig
+    filter: FilterConfig
+    download: DownloadConfig
+    base: BaseModelConfig
+    encode: EncodeConfig
+    schedule: ScheduleConfig
+    train: TrainConfig
+    featnet: FeatNetConfig
+    sample: SampleConfig
+    evaluate: EvaluateConfig
+    report: ReportConfig
+
+
+class ParamsError(ValueError):
+    """params.yaml is malformed; the message names each offending key."""
+
+
+def _describe(error: ValidationError, prefix: str) -> str:
+    lines = []
+    for item in error.errors():
+        key = ".".join(str(part) for part in (prefix, *item["loc"]))
+        if item["type"] == "extra_forbidden":
+            lines.append(f"{key}: unknown key")
+        else:
+            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+    return "\n".join(lines)
+
+
+def validate_params(raw: dict) -> dict[str, ScaleConfig]:
+    """Validates every scale block of a parsed params.yaml; returns them by name."""
+    if not isinstance(raw, dict):
+        raise ParamsError("params.yaml: the top level must be a mapping")
+    unknown = sorted(set(raw) - {"scale", *SCALES})
+    problems = [f"{key}: unknown key (top level holds 'scale' and {', '.join(SCALES)})" for key in unknown]
+    if raw.get("scale") not in SCALES:
+        problems.append(f"scale: must be one of {', '.join(SCALES)} (got {raw.get('scale')!r})")
+    scales = {}
+    for name in SCALES:
+        if name not in raw:
+            problems.append(f"{name}: missing scale block")
+            continue
+        try:
+            scales[name] = ScaleConfig.model_validate(raw[name])
+        except ValidationError as error:
+            problems.append(_describe(error, name))
+    if problems:
+        raise ParamsError("invalid params.yaml:\n" + "\n".join(problems))
+    return scales
+
+
+def load_params(path: str | Path, scale: str | None = None) -> tuple[str, ScaleConfig]:
+    """Reads and validates ``path``; returns the scale in force (``scale`` overrides the file's)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ParamsError(f"params file not found: {path}")
+    raw = yaml.safe_load(path.read_text())
+    scales = validate_params(raw)
+    chosen = scale or raw["scale"]
+    if chosen not in scales:
+        raise ParamsError(f"scale: must be one of {', '.join(SCALES)} (got {chosen!r})")
+    return chosen, scales[chosen]

@@ -1,0 +1,102 @@
+"""Training objectives as small callables: ``loss(denoiser, x0, context, ...) -> (per_sample, logs)``.
+
+The caller may pass the randomness (eps, t, t') so tests can pin it; otherwise it is drawn here.
+``MSELoss`` is Eq. 4; ``SelfPerceptualLoss`` is Eq. 5-11 and Algorithm 1 (and Eq. 13-16 for sp2).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .schedule import Schedule
+from .unet import PerceptualNetwork
+
+
+def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(dim=1)
+
+
+DISTANCES = {
+    "mse": lambda a, b: _mean_per_sample((a - b) ** 2),
+    "mae": lambda a, b: _mean_per_sample((a - b).abs()),
+}
+
+
+def _clamp_timesteps(t: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+    return t.round().long().clamp(0, num_train_timesteps - 1)
+
+
+# Table 3: how t' is drawn. The paper clamps to [1, T]; in 0-based diffusers indices that is
+# [0, T-1]. "t +/- 40" is read as t' = t - 40 or t + 40 with equal probability, and N(t, 100) as a
+# normal with standard deviation 100 (the paper states neither rule exactly).
+T_PRIME_SAMPLERS = {
+    "uniform": lambda t, T, g: torch.randint(0, T, t.shape, generator=g, device=t.device),
+    "near40": lambda t, T, g: _clamp_timesteps(
+        t + 40 * (2 * torch.randint(0, 2, t.shape, generator=g, device=t.device) - 1), T
+    ),
+    "normal100": lambda t, T, g: _clamp_timesteps(
+        t + 100.0 * torch.randn(t.shape, generator=g, device=t.device), T
+    ),
+}
+
+
+class MSELoss:
+    """Eq. 4: || v_hat - v ||^2 per sample."""
+
+    def __init__(self, schedule: Schedule):
+        self.schedule = schedule
+
+    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None):
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if eps is None else eps
+        t = self.schedule.sample_timesteps(len(x0), generator, x0.device) if t is None else t
+        x_t = self.schedule.add_noise(x0, eps, t)
+        v_hat = denoiser(x_t, t, context)
+        per_sample = DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float())
+        return per_sample, {"t": t}
+
+
+class SelfPerceptualLoss:
+    """Eq. 11: || f*_l(x_hat_t', t', c) - f*_l(x_t', t', c) ||^2 with f*_l frozen.
+
+    ``formulation="sp2"`` is Eq. 13-16: x0_hat and eps_hat are each re-noised with the other's
+    ground truth, and the two feature distances are summed.
+    """
+
+    def __init__(self, schedule: Schedule, perceptual: PerceptualNetwork, distance="mse", t_prime="uniform", formulation="sp"):
+        if distance not in DISTANCES or t_prime not in T_PRIME_SAMPLERS or formulation not in ("sp", "sp2"):
+            raise ValueError(f"unknown SP variant: distance={distance!r} t_prime={t_prime!r} formulation={formulation!r}")
+        self.schedule = schedule
+        self.perceptual = perceptual
+        self.distance = DISTANCES[distance]
+        self.t_prime_sampler = T_PRIME_SAMPLERS[t_prime]
+        self.formulation = formulation
+
+    def _feature_distance(self, x_pred, x_real_features, t_prime, context):
+        pred_features = self.perceptual.features(x_pred, t_prime, context)
+        return sum(self.distance(p.float(), r.float()) for p, r in zip(pred_features, x_real_features))
+
+    def __call__(self, denoiser, x0, context, eps=None, t=None, t_prime=None, generator=None):
+        schedule = self.schedule
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if eps is None else eps
+        t = schedule.sample_timesteps(len(x0), generator, x0.device) if t is None else t
+        # Eq. 5-8: predict v at t and convert it to x0_hat and eps_hat.
+        x_t = schedule.add_noise(x0, eps, t)
+        v_hat = denoiser(x_t, t, context)
+        x0_hat = schedule.x0_from_v(x_t, v_hat, t)
+        eps_hat = schedule.eps_from_v(x_t, v_hat, t)
+        # A new t', drawn independently of t (Algorithm 1 l. 32; Table 3 for the other rules).
+        if t_prime is None:
+            t_prime = self.t_prime_sampler(t, schedule.num_train_timesteps, generator)
+        # Eq. 9: the real branch needs no graph.
+        with torch.no_grad():
+            real_features = self.perceptual.features(schedule.add_noise(x0, eps, t_prime), t_prime, context)
+        if self.formulation == "sp":
+            # Eq. 10: re-noise the prediction with the *predicted* noise eps_hat.
+            per_sample = self._feature_distance(schedule.add_noise(x0_hat, eps_hat, t_prime), real_features, t_prime, context)
+        else:
+            # Eq. 14-16: x0_hat with the true eps, and the true x0 with eps_hat.
+            per_sample = self._feature_distance(schedule.add_noise(x0_hat, eps, t_prime), real_features, t_prime, context)
+            per_sample = per_sample + self._feature_distance(
+                schedule.add_noise(x0, eps_hat, t_prime), real_features, t_prime, context
+            )
+        return per_sample, {"t": t, "t_prime": t_prime}

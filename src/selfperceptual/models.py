@@ -1,0 +1,152 @@
+"""Stable-Diffusion-shaped components: tiny ones built offline, or SD 2.1-base loaded by path or id.
+
+Every later stage loads the result with diffusers' ``from_pretrained``, so the tiny default and
+the paper's SD 2.1-base go through the same code.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+from pathlib import Path
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers
+from tokenizers.models import WordLevel
+from tokenizers.processors import TemplateProcessing
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+
+from .schedule import Schedule
+
+SPECIAL_TOKENS = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
+
+
+def caption_words(caption: str) -> list[str]:
+    return re.findall(r"[a-z0-9]+", caption.lower())
+
+
+def build_tokenizer(captions, max_length: int) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer over the corpus vocabulary, CLIP-style (bos ... eos, padded)."""
+    words = sorted({word for caption in captions for word in caption_words(caption)})
+    specials = [SPECIAL_TOKENS[k] for k in ("pad", "unk", "bos", "eos")]
+    vocab = {token: index for index, token in enumerate(specials + words)}
+    tokenizer = Tokenizer(WordLevel(vocab, unk_token=SPECIAL_TOKENS["unk"]))
+    tokenizer.normalizer = normalizers.Lowercase()
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(r"[^a-z0-9]+"), behavior="removed")
+    bos, eos = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]
+    tokenizer.post_processor = TemplateProcessing(
+        single=f"{bos} $A {eos}", special_tokens=[(bos, vocab[bos]), (eos, vocab[eos])]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer,
+        model_max_length=max_length,
+        **{f"{kind}_token": token for kind, token in SPECIAL_TOKENS.items()},
+    )
+
+
+def build_text_encoder(tokenizer, config, seed: int) -> CLIPTextModel:
+    torch.manual_seed(seed)
+    return CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=config.hidden_size,
+            intermediate_size=4 * config.hidden_size,
+            num_hidden_layers=config.num_layers,
+            num_attention_heads=config.num_heads,
+            max_position_embeddings=config.max_length,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
+        )
+    )
+
+
+def build_vae(config, resolution: int, seed: int) -> AutoencoderKL:
+    torch.manual_seed(seed)
+    levels = len(config.block_out_channels)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D",) * levels,
+        up_block_types=("UpDecoderBlock2D",) * levels,
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=1,
+        latent_channels=config.latent_channels,
+        norm_num_groups=config.norm_num_groups,
+        sample_size=resolution,
+    )
+
+
+def build_unet(config, sample_size: int, latent_channels: int, cross_attention_dim: int, seed: int) -> UNet2DConditionModel:
+    """An SD-shaped UNet: cross-attention down blocks then a plain one, mirrored on the way up."""
+    torch.manual_seed(seed)
+    levels = len(config.block_out_channels)
+    return UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=latent_channels,
+        out_channels=latent_channels,
+        down_block_types=("CrossAttnDownBlock2D",) * (levels - 1) + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
+        block_out_channels=tuple(config.block_out_channels),
+        layers_per_block=config.layers_per_block,
+        attention_head_dim=config.attention_head_dim,
+        norm_num_groups=config.norm_num_groups,
+        cross_attention_dim=cross_attention_dim,
+        use_linear_projection=True,
+    )
+
+
+def ddim_scheduler(schedule_config) -> DDIMScheduler:
+    """The sampler of every table (DESIGN: never inherit SD 2.1-base's epsilon scheduler)."""
+    schedule = Schedule.from_config(schedule_config)
+    return DDIMScheduler(
+        beta_start=schedule_config.beta_start,
+        beta_end=schedule_config.beta_end,
+        beta_schedule="scaled_linear",
+        **schedule.scheduler_config(),
+    )
+
+
+def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+
+
+def load_pipeline(path: str | Path, torch_dtype=torch.float32) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(
+        str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
+    )
+
+
+def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:
+    return UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
+
+
+def save_with_unet(source_pipeline_dir: str | Path, unet: UNet2DConditionModel, out_dir: Path) -> None:
+    """Writes a pipeline folder: every component of ``source_pipeline_dir`` but a new UNet."""
+    source = Path(source_pipeline_dir)
+    for item in source.iterdir():
+        if item.name == "unet":
+            continue
+        (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
+    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+
+
+@torch.no_grad()
+def encode_prompts(tokenizer, text_encoder, prompts: list[str]) -> torch.Tensor:
+    """Text embeddings exactly as StableDiffusionPipeline.encode_prompt computes them."""
+    ids = tokenizer(
+        prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True, return_tensors="pt"
+    ).input_ids
+    use_mask = getattr(text_encoder.config, "use_attention_mask", False)
+    mask = (ids != tokenizer.pad_token_id).long() if use_mask else None
+    return text_encoder(ids.to(text_encoder.device), attention_mask=mask)[0]

@@ -1,0 +1,23 @@
+"""corpus: the LAION-schema training corpus and the held-out eval and feature-network splits."""
+
+from __future__ import annotations
+
+import logging
+
+from ..data.corpus import build_synthetic, import_external
+from ..io import write_json
+
+log = logging.getLogger("corpus")
+
+
+def add_arguments(parser) -> None:
+    pass
+
+
+def run(args, config, scale, out) -> None:
+    if config.corpus.source == "synthetic":
+        summary = build_synthetic(config.corpus, config.download.resolution, out)
+    else:
+        summary = import_external(config.corpus, out)
+    write_json(out / "summary.json", summary)
+    log.info("corpus: %s", summary)

@@ -1,0 +1,77 @@
+"""download: img2dataset fetches the kept rows into webdataset shards at the training resolution."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import pandas as pd
+
+from ..io import write_json
+
+log = logging.getLogger("download")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--filtered", type=Path, required=True, help="the filter stage's folder")
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (base of relative URLs)")
+
+
+def resolve_urls(urls: pd.Series, base: Path) -> pd.Series:
+    """Relative URLs become file:// URIs under ``base`` (img2dataset needs absolute ones)."""
+    is_relative = ~urls.str.contains("://", regex=False)
+    return urls.where(~is_relative, urls[is_relative].map(lambda url: (base / url).resolve().as_uri()))
+
+
+def _shard_stats(folder: Path) -> dict:
+    """Sums img2dataset's per-shard stats; failures are counted, never fatal."""
+    totals = {"count": 0, "successes": 0, "failed_to_download": 0, "failed_to_resize": 0}
+    errors: dict[str, int] = {}
+    for path in sorted(folder.glob("*_stats.json")):
+        shard = json.loads(path.read_text())
+        for key in totals:
+            totals[key] += int(shard.get(key, 0))
+        for message, count in shard.get("status_dict", {}).items():
+            if message != "success":
+                kind = re.sub(r"'[^']*'", "'...'", message)[:200]  # one entry per kind, not per file
+                errors[kind] = errors.get(kind, 0) + count
+    return {**totals, "errors": errors}
+
+
+def run(args, config, scale, out) -> None:
+    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+    from img2dataset import download
+
+    settings = config.download
+    shards = out / "shards"
+    rows = pd.read_parquet(args.filtered / "kept.parquet")
+    rows["URL"] = resolve_urls(rows["URL"], args.corpus)
+    url_list = out / "urls.parquet"
+    rows.to_parquet(url_list, index=False)
+    download(
+        url_list=str(url_list),
+        input_format="parquet",
+        url_col="URL",
+        caption_col="TEXT",
+        save_additional_columns=["AESTHETIC_SCORE", "WIDTH", "HEIGHT"],
+        output_format="webdataset",
+        output_folder=str(shards),
+        image_size=settings.resolution,
+        resize_mode="center_crop",
+        processes_count=settings.processes,
+        thread_count=settings.threads,
+        number_sample_per_shard=settings.shard_size,
+        timeout=settings.timeout_s,
+        extract_exif=False,
+        compute_hash=None,
+        enable_wandb=False,
+        distributor="multiprocessing",
+    )
+    stats = _shard_stats(shards)
+    write_json(out / "stats.json", stats)
+    log.info("download: %d of %d fetched; failures: %s", stats["successes"], stats["count"], stats["errors"])
+    if stats["successes"] == 0:
+        raise SystemExit(f"download: no image could be fetched ({stats['errors']})")

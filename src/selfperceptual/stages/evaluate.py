@@ -1,0 +1,58 @@
+"""evaluate: FID and Inception Score of one sampling row against the real eval images."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from PIL import Image
+from safetensors.torch import load_file
+
+from .. import tracking
+from ..evaluation import extract, frechet_distance, gaussian_stats, inception_score, load_extractor
+from ..experiments import SAMPLE_ROWS
+from ..io import read_json, write_json
+from ..sampling import grid
+
+log = logging.getLogger("evaluate")
+GRID_IMAGES = 16
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--samples", type=Path, required=True, help="a sample stage's folder")
+    parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
+
+
+def run(args, config, scale, out) -> None:
+    sampled = read_json(args.samples / "samples.json")
+    row = SAMPLE_ROWS[sampled["row"]]
+    paths = sorted((args.samples / "images").glob("*.png"))
+    if not paths:
+        raise SystemExit(f"evaluate: no images in {args.samples / 'images'}")
+    images = [Image.open(path).convert("RGB") for path in paths]
+    features, logits = extract(load_extractor(args.featnet), images, config.evaluate.batch)
+    fid = frechet_distance(gaussian_stats(features), load_file(args.featnet / "reference.safetensors"))
+    score, score_std = inception_score(logits, config.evaluate.is_splits)
+    metrics = {"fid": fid, "is": score, "is_std": score_std, "num_images": len(images)}
+    write_json(out / "metrics.json", {"row": row.name, **metrics})
+    grid([images[:GRID_IMAGES]]).save(out / "samples.png")
+    tags = {
+        "kind": "evaluate",
+        "row": row.name,
+        "table": row.table,
+        "objective": row.objective,
+        "conditioning": row.conditioning,
+        "cfg": row.cfg if row.cfg is not None else "none",
+        "rescale": row.rescale if row.rescale is not None else "none",
+        "steps": row.steps,
+        "nfe": row.nfe,
+    }
+    tracking.log_run(
+        scale,
+        stage=args.out.name,
+        params={"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]},
+        tags=tags,
+        metrics=metrics,
+        images=[out / "samples.png"],
+    )
+    log.info("evaluate %s: FID %.2f, IS %.2f", row.name, fid, score)

@@ -1,0 +1,29 @@
+"""filter: keep the corpus rows that pass the aesthetic and minimum-side thresholds."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+
+from ..data.filtering import filter_rows
+from ..io import write_json
+
+log = logging.getLogger("filter")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder")
+
+
+def run(args, config, scale, out) -> None:
+    kept, stats = filter_rows(pd.read_parquet(args.corpus / "laion.parquet"), config.filter)
+    write_json(out / "stats.json", stats)
+    log.info("filter: %s", stats)
+    if kept.empty:
+        raise SystemExit(
+            f"filter: no rows pass (removed by condition: {stats['removed_by']}); "
+            "loosen filter.min_aesthetic / filter.min_side in params.yaml"
+        )
+    kept.to_parquet(out / "kept.parquet", index=False)

@@ -1,0 +1,111 @@
+"""report: Tables 1 and 8 with our numbers beside the paper's, and same-seed sample grids."""
+
+from __future__ import annotations
+
+import html
+import logging
+from pathlib import Path
+
+import yaml
+from PIL import Image
+
+from ..experiments import GRIDS, SAMPLE_ROWS
+from ..io import read_json, write_json
+from ..sampling import grid
+
+log = logging.getLogger("report")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--evaluation", type=Path, action="append", required=True, help="an evaluate stage's folder (repeat)")
+    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat)")
+    parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
+    parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
+
+
+def _fmt(value, digits=2) -> str:
+    return "—" if value is None else f"{value:.{digits}f}"
+
+
+def _setting(value) -> str:
+    return "—" if value is None else f"{value:g}"
+
+
+def _paper_row(paper_rows: list[dict], row) -> dict:
+    for entry in paper_rows:
+        if entry.get("loss") != row.objective:
+            continue
+        if row.table == "table8" or (entry.get("cfg") == row.cfg and entry.get("rescale") == row.rescale and entry.get("steps") == row.steps):
+            return entry
+    return {}
+
+
+def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[str, list[list[str]]]:
+    """Rows of Table 1 and Table 8, each ours beside the paper's."""
+    table1 = [["Loss", "CFG", "Rescale", "Steps", "NFE", "FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]]
+    truth = next(entry for entry in paper["table1"] if entry["loss"] == "ground_truth")
+    table1.append(["Ground truth", "—", "—", "—", "—", _fmt(truth["fid"]), _fmt(0.0), _fmt(truth["is"]), _fmt(real_is)])
+    table8 = [["Loss", "IS (paper)", "IS (ours)", "FID (ours)"]]
+    for name, row in SAMPLE_ROWS.items():
+        ours = metrics.get(name, {})
+        theirs = _paper_row(paper[row.table], row)
+        if row.table == "table1":
+            table1.append(
+                [row.objective.upper(), _setting(row.cfg), _setting(row.rescale), str(row.steps), str(row.nfe),
+                 _fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))]
+            )
+        else:
+            table8.append([row.objective.upper(), _fmt(theirs.get("is")), _fmt(ours.get("is")), _fmt(ours.get("fid"))])
+    return {"Table 1: text-to-image (paper: MSCOCO-2014 val 10k, FID/IS)": table1, "Table 8: unconditional": table8}
+
+
+def markdown_table(rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    lines += ["| " + " | ".join(row) + " |" for row in rows[1:]]
+    return "\n".join(lines)
+
+
+def html_table(rows: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(cell)}</th>" for cell in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(cell)}</td>" for cell in row) + "</tr>" for row in rows[1:])
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def make_grids(samples: dict[str, Path], count: int, out: Path) -> dict[str, str]:
+    """Same seeds, same captions, one column per row of GRIDS; returns file name -> caption."""
+    made = {}
+    for name, columns in GRIDS.items():
+        images = [[Image.open(samples[row] / "images" / f"{i:05d}.png") for i in range(count)] for row in columns]
+        file_name = f"grid_{name}.png"
+        grid(images).save(out / file_name)
+        made[file_name] = " | ".join(columns)
+    return made
+
+
+def run(args, config, scale, out) -> None:
+    paper = yaml.safe_load(args.paper_results.read_text())
+    metrics = {m["row"]: m for m in (read_json(folder / "metrics.json") for folder in args.evaluation)}
+    samples = {read_json(folder / "samples.json")["row"]: folder for folder in args.samples}
+    real_is = read_json(args.featnet / "summary.json")["real_is"]
+    tables = build_tables(metrics, paper, real_is)
+    count = min(config.report.grid_images, config.sample.num_images)
+    grids = make_grids(samples, count, out)
+    intro = (
+        f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
+        f"`{config.featnet.kind}` feature network. Small-scale numbers are not on the paper's "
+        "absolute scale; compare the directions (SP vs MSE, CFG vs none) and the gaps."
+    )
+    md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
+    page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",
+            "<h1>Diffusion Model with Perceptual Loss: reproduction report</h1>", f"<p>{html.escape(intro)}</p>"]
+    for title, rows in tables.items():
+        md.append(f"## {title}\n\n{markdown_table(rows)}\n")
+        page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}")
+    for file_name, caption in grids.items():
+        md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n")
+        page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'>")
+    page.append("</body></html>")
+    (out / "report.md").write_text("\n".join(md))
+    (out / "report.html").write_text("\n".join(page))
+    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables})
+    log.info("report: %s", out / "report.md")
