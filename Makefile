@@ -8,7 +8,7 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test dvc-yaml clean-runs
+.PHONY: setup run test generate clean-runs
 
 # torch first, by exact version: on CPU-only machines `pip install torch==2.13.0` takes the CPU
 # build, and nothing later can pull the CUDA packages in through a looser range.
@@ -28,8 +28,10 @@ run: setup
 test: setup
 	$(PYTHON) -m pytest
 
-dvc-yaml: setup
+# After editing src/selfperceptual/dag.py or config.py: regenerate dvc.yaml and the params schema.
+generate: setup
 	$(PYTHON) -m selfperceptual.dag --write dvc.yaml
+	$(PYTHON) -m selfperceptual.config workflow/schemas/params.schema.json
 
 clean-runs:
 	rm -rf runs/$(SCALE)

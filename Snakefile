@@ -29,31 +29,7 @@ os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]
 STAGES = build_stages()
 
 
-def at_scale(path):
-    return path.format(scale=SCALE)
-
-
-rule all:
-    input:
-        at_scale("runs/{scale}/report"),
-
-
-for stage in STAGES:
-
-    rule:
-        name:
-            stage.name
-        input:
-            [at_scale(dep) for dep in stage.deps],
-        output:
-            directory(at_scale(stage.out)),
-        params:
-            # The command goes through params: `shell:` is evaluated when the job runs, after
-            # this loop has moved on, while params are bound now.
-            cmd=at_scale(stage.cmd),
-            values=json.dumps(param_values(CONFIG, stage.params), sort_keys=True),
-        shell:
-            "{params.cmd}"
+include: "workflow/rules/stages.smk"
 
 
 onstart:

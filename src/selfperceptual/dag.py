@@ -29,6 +29,7 @@ class Stage:
     args: str  # the command after ``python -m selfperceptual``
     deps: tuple[str, ...]
     params: tuple[str, ...]  # keys inside the scale block
+    threads: int = 1  # what Snakemake gives the job (stages that mostly run alone take both cores)
 
     @property
     def out(self) -> str:
@@ -43,11 +44,11 @@ def run_dir(stage: str) -> str:
     return f"runs/{{scale}}/{stage}"
 
 
-def _stage(name: str, command: str, inputs: dict[str, str], params: tuple[str, ...], extra: str = "") -> Stage:
+def _stage(name: str, command: str, inputs: dict[str, str], params: tuple[str, ...], extra: str = "", threads: int = 1) -> Stage:
     """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>``."""
     flags = " ".join(f"--{flag} {run_dir(source)}" for flag, source in inputs.items())
     args = " ".join(part for part in (command, flags, extra) if part)
-    return Stage(name, args, tuple(run_dir(source) for source in inputs.values()), params)
+    return Stage(name, args, tuple(run_dir(source) for source in inputs.values()), params, threads)
 
 
 def build_stages() -> list[Stage]:
@@ -55,15 +56,15 @@ def build_stages() -> list[Stage]:
         _stage("corpus", "corpus", {}, ("corpus", "download.resolution")),
         _stage("filter", "filter", {"corpus": "corpus"}, ("filter",)),
         _stage("download", "download", {"filtered": "filter", "corpus": "corpus"}, ("download",)),
-        _stage("base", "base", {"images": "download"}, ("base", "schedule", "download.resolution")),
+        _stage("base", "base", {"images": "download"}, ("base", "schedule", "download.resolution"), threads=2),
         _stage("featnet", "featnet", {"corpus": "corpus"}, ("featnet", "evaluate", "corpus.seed", "download.resolution")),
-        _stage("encode", "encode", {"images": "download", "base": "base"}, ("encode",)),
+        _stage("encode", "encode", {"images": "download", "base": "base"}, ("encode",), threads=2),
     ]
     for run in TRAIN_RUNS.values():
         inputs = {"data": "encode", "init": run.init}
         if run.perceptual:
             inputs["perceptual"] = run.perceptual
-        params = ("train.seed", "train.global_batch", "train.ema_decay", "train.num_threads", f"train.{run.objective}", "schedule")
+        params = ("train.seed", "train.global_batch", "train.ema_decay", "train.log_every_steps", f"train.{run.objective}", "schedule")
         extra = f"--objective {run.objective} --conditioning {run.conditioning}"
         stages.append(_stage(run.name, "train", inputs, params, extra))
     for name, source in FREEZES.items():

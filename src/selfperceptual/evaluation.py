@@ -116,8 +116,8 @@ def frechet_distance(a: dict, b: dict) -> float:
     """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), as in Heusel et al. and clean-fid."""
     mu_a, mu_b = a["mu"].numpy(), b["mu"].numpy()
     sigma_a, sigma_b = a["sigma"].numpy(), b["sigma"].numpy()
-    covmean, _ = scipy.linalg.sqrtm(sigma_a @ sigma_b, disp=False)
-    if not np.isfinite(covmean).all():
+    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
+    if not np.isfinite(covmean).all():  # singular product: regularise as clean-fid does
         offset = np.eye(len(sigma_a)) * 1e-6
         covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
     covmean = covmean.real

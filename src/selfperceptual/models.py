@@ -121,10 +121,8 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDi
     )
 
 
-def load_pipeline(path: str | Path, torch_dtype=torch.float32) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(
-        str(path), torch_dtype=torch_dtype, safety_checker=None, requires_safety_checker=False
-    )
+def load_pipeline(path: str | Path, dtype=torch.float32) -> StableDiffusionPipeline:
+    return StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
 
 
 def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:

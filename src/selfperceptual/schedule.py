@@ -47,7 +47,7 @@ class Schedule:
             "timestep_spacing": "trailing",
             "set_alpha_to_one": True,
             "clip_sample": False,
-            "steps_offset": 0,
+            "steps_offset": 1,  # unused by trailing spacing; StableDiffusionPipeline rewrites any other value
         }
 
     def sample_timesteps(self, batch: int, generator: torch.Generator | None = None, device=None) -> torch.Tensor:

@@ -82,8 +82,6 @@ class LossHistory:
 def train(unet, data: LatentData, loss_fn, objective_config, train_config, conditioning: str, num_train_timesteps: int):
     """Trains ``unet`` in place; returns (EMA copy, LossHistory, seconds per step)."""
     # Initialize.
-    if train_config.num_threads:
-        torch.set_num_threads(train_config.num_threads)
     unet.train()
     denoiser = Denoiser(unet)
     ema = copy.deepcopy(unet).requires_grad_(False).eval()

@@ -34,12 +34,15 @@ def add_arguments(parser) -> None:
 
 
 def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
-    """Reconstruction (L1 + MSE) plus a small KL term; returns the loss curve."""
+    """Reconstruction (L1 + MSE) plus a small KL term on random crops; returns the loss curve."""
     generator = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
+    crop, side = min(config.train_crop, images.shape[-1]), images.shape[-1]
     curve = []
     for step in tqdm(range(config.train_steps), desc="vae", mininterval=5):
+        top, left = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=generator))
         batch = images[torch.randint(0, len(images), (config.batch,), generator=generator)]
+        batch = batch[..., top : top + crop, left : left + crop]
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
         recon = vae.decode(latents).sample

@@ -1,0 +1,46 @@
+"""Shared fixtures: tiny SD-shaped components built offline, and the repository's params."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def repo() -> Path:
+    return REPO
+
+
+@pytest.fixture(scope="session")
+def smoke_config():
+    from selfperceptual.config import load_params
+
+    return load_params(REPO / "params.yaml", "smoke")[1]
+
+
+@pytest.fixture
+def tiny_unet():
+    from selfperceptual.models import build_unet
+
+    settings = SimpleNamespace(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
+    return build_unet(settings, sample_size=8, latent_channels=4, cross_attention_dim=32, seed=0)
+
+
+@pytest.fixture
+def context():
+    return torch.randn(4, 6, 32, generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture
+def latents():
+    return torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))

@@ -1,0 +1,122 @@
+"""One DAG: Snakemake's rules and DVC's stages agree in names, commands, deps, params and outputs."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from selfperceptual.dag import build_stages, render_dvc_yaml
+from workspace import copy_repository, run
+
+
+def test_dvc_yaml_is_generated_from_the_dag(repo):
+    assert (repo / "dvc.yaml").read_text() == render_dvc_yaml(), "run: python -m selfperceptual.dag --write dvc.yaml"
+
+
+def test_outputs_of_different_scales_never_overlap():
+    for stage in build_stages():
+        assert stage.out.startswith("runs/{scale}/")
+        assert all(dep.startswith("runs/{scale}/") or dep.startswith("workflow/") for dep in stage.deps)
+
+
+def _snakemake_rules(repo):
+    from snakemake.api import SnakemakeApi
+    from snakemake.settings.types import ConfigSettings, OutputSettings, ResourceSettings
+
+    with SnakemakeApi(OutputSettings(quiet={"all"})) as api:
+        workflow_api = api.workflow(
+            resource_settings=ResourceSettings(cores=1),
+            config_settings=ConfigSettings(config={"scale": "local"}),
+            snakefile=repo / "Snakefile",
+            workdir=repo,
+        )
+        rules = {}
+        for rule in workflow_api._workflow.rules:  # the parsed rules, as Snakemake will run them
+            if rule.name == "all":
+                continue
+            rules[rule.name] = {
+                "cmd": rule.params.cmd,
+                "deps": sorted(str(path) for path in rule.input),
+                "outs": sorted(str(path) for path in rule.output),
+                "params": json.loads(rule.params.values),
+            }
+        return rules
+
+
+def _dvc_stages(repo):
+    from dvc.repo import Repo
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    scale = params["scale"]
+    stages = {}
+    with Repo(str(repo)) as dvc:
+        for stage in dvc.index.stages:
+            keys = [key for dep in stage.params for key in dep.params]
+            values = {}
+            for key in keys:
+                value = params
+                for part in key.split("."):
+                    value = value[part]
+                values[key.removeprefix(f"{scale}.")] = value
+            stages[stage.name] = {
+                "cmd": stage.cmd,
+                "deps": sorted(str(dep.def_path) for dep in stage.deps if dep not in stage.params),
+                "outs": sorted(str(out.def_path) for out in stage.outs),
+                "params": values,
+            }
+    return stages
+
+
+def test_snakemake_and_dvc_dags_are_identical(repo):
+    snakemake_rules, dvc_stages = _snakemake_rules(repo), _dvc_stages(repo)
+    assert set(snakemake_rules) == set(dvc_stages)
+    for name in dvc_stages:
+        assert snakemake_rules[name] == dvc_stages[name], name
+
+
+def test_dag_comparison_notices_a_hand_edit(tmp_path):
+    copy = copy_repository(tmp_path)
+    dvc_yaml = yaml.safe_load((copy / "dvc.yaml").read_text())
+    dvc_yaml["stages"]["filter"]["cmd"] += " --extra"
+    (copy / "dvc.yaml").write_text(yaml.safe_dump(dvc_yaml, sort_keys=False))
+    with pytest.raises(AssertionError):
+        test_snakemake_and_dvc_dags_are_identical(copy)
+
+
+def test_paper_scale_names_each_missing_external_input(repo):
+    result = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], cwd=repo, capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode != 0
+    output = result.stdout + result.stderr
+    for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained"):
+        assert key in output
+
+
+def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
+    copy = copy_repository(tmp_path)
+    params = yaml.safe_load((copy / "params.yaml").read_text())
+    for key in ("laion_parquet", "coco_captions", "coco_images"):
+        path = copy / params["paper"]["corpus"][key]
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.mkdir() if key == "coco_images" else path.write_text("")
+    weights = copy / "weights" / "sd21-base"
+    weights.mkdir(parents=True)
+    params["paper"]["base"]["pretrained"] = str(weights)
+    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy)
+    for stage in build_stages():
+        assert stage.name in result.stdout
+    assert "runs/paper/report" in result.stdout
+
+
+def test_a_bad_params_key_stops_snakemake_before_any_job(tmp_path):
+    copy = copy_repository(tmp_path)
+    params = (copy / "params.yaml").read_text().replace("global_batch: 16", "global_bach: 16", 1)
+    (copy / "params.yaml").write_text(params)
+    result = run([sys.executable, "-m", "snakemake", "--cores", "1", "--config", "scale=smoke"], copy, check=False)
+    assert result.returncode != 0
+    assert "smoke.train.global_bach: unknown key" in result.stdout + result.stderr
+    assert not (copy / "runs").exists()

@@ -1,0 +1,144 @@
+"""Exactness of the self-perceptual objective (Algorithm 1, Eq. 5-16) and of the frozen network."""
+
+import pytest
+import torch
+
+from selfperceptual.losses import T_PRIME_SAMPLERS, MSELoss, SelfPerceptualLoss
+from selfperceptual.schedule import Schedule
+from selfperceptual.unet import Denoiser, PerceptualNetwork
+
+
+def _sp_loss(unet, **variant):
+    return SelfPerceptualLoss(Schedule.zero_snr(), PerceptualNetwork.frozen_copy(unet, variant.pop("layer", "midblock")), **variant)
+
+
+def test_t_prime_equal_t_gives_zero_loss_but_sp2_does_not(tiny_unet, latents, context):
+    """Eq. 12: at t' = t, forward(x0_hat, eps_hat, t) is x_t itself, so SP sees no difference."""
+    tiny_unet.double()
+    x0, ctx = latents.double(), context.double()
+    t = torch.tensor([0, 250, 600, 999])
+    sp, _ = _sp_loss(tiny_unet)(Denoiser(tiny_unet), x0, ctx, t=t, t_prime=t)
+    sp2, _ = _sp_loss(tiny_unet, formulation="sp2")(Denoiser(tiny_unet), x0, ctx, t=t, t_prime=t)
+    assert sp.abs().max().item() < 1e-20
+    assert (sp2[:3] > 1e-6).all()  # Eq. 13-16 keeps a signal at t' = t (at t = 999 eps_hat is exact)
+    random_t_prime, _ = _sp_loss(tiny_unet)(Denoiser(tiny_unet), x0, ctx, t=t, t_prime=torch.tensor([900, 10, 300, 500]))
+    assert (random_t_prime > 1e-6).all()
+
+
+def test_prediction_is_renoised_with_predicted_eps(tiny_unet, latents, context):
+    """The predicted branch is forward(x0_hat, eps_hat, t'), not forward(x0_hat, eps, t')."""
+    schedule = Schedule.zero_snr()
+    loss = _sp_loss(tiny_unet)
+    seen = []
+    original = loss.perceptual.features
+    loss.perceptual.features = lambda x, t, c: seen.append(x.detach().clone()) or original(x, t, c)
+    eps = torch.randn_like(latents)
+    t, t_prime = torch.tensor([100, 400, 700, 900]), torch.tensor([300, 50, 800, 999])
+    loss(Denoiser(tiny_unet), latents, context, eps=eps, t=t, t_prime=t_prime)
+    with torch.no_grad():
+        x_t = schedule.add_noise(latents, eps, t)
+        v_hat = Denoiser(tiny_unet)(x_t, t, context)
+        x0_hat, eps_hat = schedule.x0_from_v(x_t, v_hat, t), schedule.eps_from_v(x_t, v_hat, t)
+    real, predicted = seen
+    assert torch.allclose(real, schedule.add_noise(latents, eps, t_prime))
+    assert torch.allclose(predicted, schedule.add_noise(x0_hat, eps_hat, t_prime), atol=1e-6)
+    assert not torch.allclose(predicted, schedule.add_noise(x0_hat, eps, t_prime), atol=1e-3)
+
+
+def test_gradients_reach_every_online_parameter_and_none_the_frozen(tiny_unet, latents, context):
+    loss = _sp_loss(tiny_unet)
+    frozen_before = {k: v.clone() for k, v in loss.perceptual.state_dict().items()}
+    optimizer = torch.optim.Adam(tiny_unet.parameters(), lr=1e-2)
+    for step in range(2):
+        per_sample, _ = loss(Denoiser(tiny_unet), latents, context, generator=torch.Generator().manual_seed(step))
+        optimizer.zero_grad()
+        per_sample.mean().backward()
+        missing = [n for n, p in tiny_unet.named_parameters() if p.grad is None or p.grad.abs().sum() == 0]
+        assert not missing, f"no gradient reached {missing[:5]}"
+        assert all(p.grad is None for p in loss.perceptual.parameters())
+        optimizer.step()
+    assert all(not p.requires_grad for p in loss.perceptual.parameters())
+    for key, value in loss.perceptual.state_dict().items():
+        assert torch.equal(value, frozen_before[key]), f"frozen {key} changed"
+
+
+def test_real_branch_builds_no_graph(tiny_unet, latents, context):
+    loss = _sp_loss(tiny_unet)
+    outputs = []
+    original = loss.perceptual.features
+    loss.perceptual.features = lambda x, t, c: outputs.append(original(x, t, c)) or outputs[-1]
+    loss(Denoiser(tiny_unet), latents, context)
+    real, predicted = outputs
+    assert all(f.grad_fn is None and not f.requires_grad for f in real)
+    assert all(f.requires_grad for f in predicted)
+
+
+def test_midblock_network_is_truncated_and_matches_full_unet(tiny_unet, latents, context):
+    network = PerceptualNetwork.frozen_copy(tiny_unet, "midblock")
+    kept = {name.split(".")[0] for name, _ in network.named_parameters()}
+    assert kept == {"conv_in", "time_embedding", "down_blocks", "mid_block"}
+    captured = {}
+    hook = tiny_unet.mid_block.register_forward_hook(lambda module, args, output: captured.setdefault("mid", output))
+    t = torch.tensor([0, 10, 500, 999])
+    with torch.no_grad():
+        tiny_unet(latents, t, encoder_hidden_states=context)
+    hook.remove()
+    assert torch.equal(network.features(latents, t, context)[0], captured["mid"])
+    assert network.num_parameters() < sum(p.numel() for p in tiny_unet.parameters())
+
+
+@pytest.mark.parametrize(
+    "layer, blocks",
+    [("encoder", "down_blocks"), ("decoder", "up_blocks"), ("encoder_midblock", None)],
+)
+def test_other_layers_match_hooks(tiny_unet, latents, context, layer, blocks):
+    network = PerceptualNetwork.frozen_copy(tiny_unet, layer)
+    captured = []
+    modules = list(tiny_unet.down_blocks) if layer != "decoder" else list(tiny_unet.up_blocks)
+    if layer == "encoder_midblock":
+        modules.append(tiny_unet.mid_block)
+    hooks = [m.register_forward_hook(lambda mod, a, out: captured.append(out[0] if isinstance(out, tuple) else out)) for m in modules]
+    t = torch.tensor([5, 50, 500, 990])
+    with torch.no_grad():
+        tiny_unet(latents, t, encoder_hidden_states=context)
+    for hook in hooks:
+        hook.remove()
+    features = network.features(latents, t, context)
+    assert len(features) == len(captured)
+    for ours, theirs in zip(features, captured):
+        assert torch.equal(ours, theirs)
+
+
+def test_saved_network_reloads_identically(tiny_unet, latents, context, tmp_path):
+    network = PerceptualNetwork.frozen_copy(tiny_unet, "midblock")
+    network.save(tmp_path / "network")
+    loaded = PerceptualNetwork.load(tmp_path / "network")
+    t = torch.tensor([1, 2, 3, 4])
+    assert torch.equal(loaded.features(latents, t, context)[0], network.features(latents, t, context)[0])
+    assert not any(p.requires_grad for p in loaded.parameters())
+    with pytest.raises(ValueError, match="up blocks"):
+        PerceptualNetwork.load(tmp_path / "network", "decoder")
+
+
+def test_mse_loss_is_v_prediction_error(tiny_unet, latents, context):
+    schedule = Schedule.zero_snr()
+    eps, t = torch.randn_like(latents), torch.tensor([0, 300, 700, 999])
+    per_sample, _ = MSELoss(schedule)(Denoiser(tiny_unet), latents, context, eps=eps, t=t)
+    with torch.no_grad():
+        v_hat = tiny_unet(schedule.add_noise(latents, eps, t), t, encoder_hidden_states=context).sample
+    expected = ((v_hat - schedule.v_target(latents, eps, t)) ** 2).flatten(1).mean(1)
+    assert torch.allclose(per_sample.detach(), expected, atol=1e-6)
+
+
+@pytest.mark.parametrize("rule", sorted(T_PRIME_SAMPLERS))
+def test_t_prime_rules_stay_in_range(rule):
+    t = torch.tensor([0, 10, 500, 990, 999] * 200)
+    t_prime = T_PRIME_SAMPLERS[rule](t, 1000, torch.Generator().manual_seed(0))
+    assert t_prime.dtype == torch.long and t_prime.min() >= 0 and t_prime.max() <= 999
+    if rule == "near40":
+        assert ((t_prime - t).abs() <= 40).all()
+    other_t = T_PRIME_SAMPLERS[rule](torch.flip(t, [0]), 1000, torch.Generator().manual_seed(0))
+    if rule == "uniform":  # drawn independently of t: the same draws whatever t is
+        assert torch.equal(t_prime, other_t)
+    else:
+        assert not torch.equal(t_prime, other_t)

@@ -1,0 +1,66 @@
+"""The shared training loop, condition dropout and the unconditional variant."""
+
+import torch
+from safetensors.torch import save_file
+
+from selfperceptual.losses import MSELoss, SelfPerceptualLoss
+from selfperceptual.schedule import Schedule
+from selfperceptual.training import LatentData, LossHistory, train
+from selfperceptual.unet import PerceptualNetwork
+
+
+def _latent_folder(folder, count=12):
+    generator = torch.Generator().manual_seed(0)
+    folder.mkdir()
+    save_file({"mean": torch.randn(count, 4, 8, 8, generator=generator), "std": torch.full((count, 4, 8, 8), 0.1)}, folder / "latents.safetensors")
+    save_file({"context": torch.randn(count, 6, 32, generator=generator), "empty": torch.zeros(1, 6, 32)}, folder / "text.safetensors")
+    (folder / "index.json").write_text('{"captions": ' + str([f"caption {i}" for i in range(count)]).replace("'", '"') + "}")
+    return LatentData(folder)
+
+
+def test_condition_dropout_and_uncond_feed_the_empty_caption(tmp_path):
+    data = _latent_folder(tmp_path / "data")
+    empty = data.empty[0]
+    _, context = data.batch(2000, 0.1, "text", torch.Generator().manual_seed(0))
+    dropped = (context == empty).flatten(1).all(1).float().mean().item()
+    assert 0.07 < dropped < 0.13
+    _, context = data.batch(50, 0.0, "text", torch.Generator().manual_seed(0))
+    assert not (context == empty).flatten(1).all(1).any()
+    _, context = data.batch(50, 0.0, "uncond", torch.Generator().manual_seed(0))
+    assert (context == empty).all()
+
+
+def test_batches_are_reproducible_from_the_generator(tmp_path):
+    data = _latent_folder(tmp_path / "data")
+    a = data.batch(4, 0.1, "text", torch.Generator().manual_seed(5))
+    b = data.batch(4, 0.1, "text", torch.Generator().manual_seed(5))
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_loss_history_buckets_by_timestep():
+    history = LossHistory(1000)
+    history.record(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 100, 999]))
+    history.flush(1)
+    assert history.series["loss"] == [(1, 3.0)]
+    assert history.series["loss_t0000_0249"] == [(1, 2.0)]
+    assert history.series["loss_t0750_0999"] == [(1, 5.0)]
+
+
+def test_mse_then_sp_training_runs_and_keeps_the_frozen_copy(tmp_path, tiny_unet, smoke_config):
+    data = _latent_folder(tmp_path / "data")
+    schedule = Schedule.zero_snr()
+    settings = smoke_config.train.model_copy(update={"global_batch": 4})
+    mse = settings.mse.model_copy(update={"num_steps": 3})
+    start = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    ema, history, _ = train(tiny_unet, data, MSELoss(schedule), mse, settings, "text", 1000)
+    assert len(history.series["loss"]) >= 1
+    changed = [k for k, v in tiny_unet.state_dict().items() if not torch.equal(v, start[k])]
+    assert changed, "MSE training did not update the UNet"
+    ema_moved = [k for k, v in ema.state_dict().items() if not torch.equal(v, start[k])]
+    assert ema_moved and any(not torch.equal(ema.state_dict()[k], tiny_unet.state_dict()[k]) for k in ema_moved)
+
+    frozen = PerceptualNetwork.frozen_copy(ema, "midblock")
+    frozen_state = {k: v.clone() for k, v in frozen.state_dict().items()}
+    sp = settings.sp.model_copy(update={"num_steps": 3})
+    train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "uncond", 1000)
+    assert all(torch.equal(v, frozen_state[k]) for k, v in frozen.state_dict().items())
