@@ -29,6 +29,15 @@ os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]
 STAGES = build_stages()
 
 
+def at_scale(path):
+    return path.format(scale=SCALE)
+
+
+rule all:  # the default target: the first rule of this file (rules of included files never are)
+    input:
+        at_scale("runs/{scale}/report"),
+
+
 include: "workflow/rules/stages.smk"
 
 

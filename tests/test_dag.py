@@ -48,18 +48,14 @@ def _snakemake_rules(repo):
 def _dvc_stages(repo):
     from dvc.repo import Repo
 
-    params = yaml.safe_load((repo / "params.yaml").read_text())
-    scale = params["scale"]
+    scale = yaml.safe_load((repo / "params.yaml").read_text())["scale"]
     stages = {}
     with Repo(str(repo)) as dvc:
         for stage in dvc.index.stages:
-            keys = [key for dep in stage.params for key in dep.params]
             values = {}
-            for key in keys:
-                value = params
-                for part in key.split("."):
-                    value = value[part]
-                values[key.removeprefix(f"{scale}.")] = value
+            for dep in stage.params:
+                for key, value in dep.read_params().items():  # DVC's own reading of params.yaml
+                    values[key.removeprefix(f"{scale}.")] = value
             stages[stage.name] = {
                 "cmd": stage.cmd,
                 "deps": sorted(str(dep.def_path) for dep in stage.deps if dep not in stage.params),

@@ -86,14 +86,14 @@ def build_stages() -> list[Stage]:
     return stages
 
 
-def param_values(config, keys: tuple[str, ...]) -> dict:
-    """The values of dotted params keys inside a validated scale block (what DVC tracks)."""
+def param_values(block: dict, keys: tuple[str, ...]) -> dict:
+    """The values of dotted keys in a scale block as params.yaml writes them (what DVC tracks)."""
     values = {}
     for key in keys:
-        value = config
+        value = block
         for part in key.split("."):
-            value = getattr(value, part)
-        values[key] = value.model_dump() if hasattr(value, "model_dump") else value
+            value = value[part]
+        values[key] = value
     return values
 
 

@@ -1,14 +1,5 @@
 # One rule per stage of src/selfperceptual/dag.py (the description dvc.yaml is generated from).
-# STAGES, SCALE and CONFIG come from the Snakefile.
-
-
-def at_scale(path):
-    return path.format(scale=SCALE)
-
-
-rule all:
-    input:
-        at_scale("runs/{scale}/report"),
+# STAGES and SCALE come from the Snakefile; `config` is params.yaml as Snakemake read it.
 
 
 for stage in STAGES:
@@ -27,6 +18,6 @@ for stage in STAGES:
             # The command goes through params: `shell:` is evaluated when the job runs, after
             # this loop has moved on, while params are bound now.
             cmd=at_scale(stage.cmd),
-            values=json.dumps(param_values(CONFIG, stage.params), sort_keys=True),
+            values=json.dumps(param_values(config[SCALE], stage.params), sort_keys=True),
         shell:
             "{params.cmd}"
