@@ -26,9 +26,30 @@ def experiment_name(scale: str) -> str:
     return f"self-perceptual-{scale}"
 
 
+SHELLS = {"sh", "bash", "dash", "zsh", "ksh"}
+
+
+def _launcher() -> str:
+    """The nearest ancestor process that is not a shell (``dvc repro``, say), as name-pid-start:
+    every stage one ``dvc repro`` runs has the same one, and no other process ever will."""
+    try:
+        pid = os.getppid()
+        while True:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            name = stat[stat.index("(") + 1 : stat.rindex(")")]
+            fields = stat[stat.rindex(")") + 2 :].split()
+            parent, started = int(fields[1]), fields[19]
+            if name not in SHELLS or parent <= 1:
+                return f"{name}-{pid}-{started}"
+            pid = parent
+    except (OSError, ValueError, IndexError):  # no /proc (not Linux)
+        return f"standalone-{uuid.uuid4().hex[:8]}"
+
+
 def execution_id() -> str:
-    """The pipeline execution this process belongs to (set by the Snakefile or the Makefile)."""
-    return os.environ.get(EXECUTION_ENV) or f"standalone-{uuid.uuid4().hex[:8]}"
+    """The pipeline execution this process belongs to: SP_PIPELINE_EXECUTION (the Snakefile sets
+    it for all its jobs), else the process that launched this stage."""
+    return os.environ.get(EXECUTION_ENV) or _launcher()
 
 
 def _client():
