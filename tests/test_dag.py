@@ -6,9 +6,9 @@ import sys
 
 import pytest
 import yaml
+from workspace import copy_repository, run
 
 from selfperceptual.dag import build_stages, render_dvc_yaml
-from workspace import copy_repository, run
 
 
 def test_dvc_yaml_is_generated_from_the_dag(repo):

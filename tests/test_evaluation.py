@@ -32,11 +32,12 @@ def test_inception_score_bounds():
 
 
 def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
+    import numpy as np
+    from PIL import Image
+
     from selfperceptual.data.corpus import NUM_CLASSES, make_heldout_split
     from selfperceptual.data.shards import to_tensor
     from selfperceptual.evaluation import train_feature_net
-    from PIL import Image
-    import numpy as np
 
     folder = tmp_path / "featnet"
     folder.mkdir()

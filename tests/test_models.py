@@ -5,7 +5,16 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from selfperceptual.models import assemble_pipeline, build_text_encoder, build_tokenizer, build_unet, build_vae, ddim_scheduler, encode_prompts, load_pipeline
+from selfperceptual.models import (
+    assemble_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    ddim_scheduler,
+    encode_prompts,
+    load_pipeline,
+)
 from selfperceptual.sampling import generate
 
 

@@ -6,10 +6,10 @@ import sys
 import mlflow
 import pytest
 import yaml
+from workspace import copy_repository, run
 
 from selfperceptual.dag import build_stages
 from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
-from workspace import copy_repository, run
 
 pytestmark = pytest.mark.slow
 

@@ -101,9 +101,9 @@ def extract(extractor, images, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of a list of PIL images."""
     features, logits = [], []
     for start in range(0, len(images), batch):
-        f, l = extractor(to_tensor(images[start : start + batch]))
-        features.append(f.double())
-        logits.append(l.double())
+        batch_features, batch_logits = extractor(to_tensor(images[start : start + batch]))
+        features.append(batch_features.double())
+        logits.append(batch_logits.double())
     return torch.cat(features), torch.cat(logits)
 
 

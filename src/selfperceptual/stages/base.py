@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.shards import iter_samples, to_tensor
+from ..io import write_json
 from ..models import (
     assemble_pipeline,
     build_text_encoder,
@@ -24,7 +25,6 @@ from ..models import (
     ddim_scheduler,
     load_pipeline,
 )
-from ..io import write_json
 
 log = logging.getLogger("base")
 
