@@ -32,7 +32,7 @@ def smoke_config():
 def tiny_unet():
     from selfperceptual.models import build_unet
 
-    settings = SimpleNamespace(block_out_channels=[16, 32], layers_per_block=1, attention_head_dim=8, norm_num_groups=8)
+    settings = SimpleNamespace(block_out_channels=[16, 32], layers_per_block=1, attention_heads=2, norm_num_groups=8)
     return build_unet(settings, sample_size=8, latent_channels=4, cross_attention_dim=32, seed=0)
 
 

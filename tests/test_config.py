@@ -80,3 +80,17 @@ def test_schema_file_is_generated_from_the_config(repo):
     from selfperceptual.config import json_schema
 
     assert json.loads((repo / "workflow/schemas/params.schema.json").read_text()) == json_schema(), "run: make generate"
+
+
+def test_set_overrides_one_key_and_validates_it(repo):
+    from selfperceptual.config import load_params
+
+    _, config = load_params(repo / "params.yaml", "smoke", ["train.sp.layer=encoder", "train.sp.learning_rate=2.0e-4"])
+    assert (config.train.sp.layer, config.train.sp.learning_rate) == ("encoder", 2.0e-4)
+    assert config.train.sp.distance == load_params(repo / "params.yaml", "smoke")[1].train.sp.distance
+    with pytest.raises(ParamsError, match=r"smoke\.train\.sp\.layer"):
+        load_params(repo / "params.yaml", "smoke", ["train.sp.layer=bottleneck"])
+    with pytest.raises(ParamsError, match=r"--set train\.sp\.layr=encoder: no such key"):
+        load_params(repo / "params.yaml", "smoke", ["train.sp.layr=encoder"])
+    with pytest.raises(ParamsError, match="no such key"):
+        load_params(repo / "params.yaml", "smoke", ["train.sp.layer"])

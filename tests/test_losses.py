@@ -109,15 +109,17 @@ def test_other_layers_match_hooks(tiny_unet, latents, context, layer, blocks):
         assert torch.equal(ours, theirs)
 
 
-def test_saved_network_reloads_identically(tiny_unet, latents, context, tmp_path):
-    network = PerceptualNetwork.frozen_copy(tiny_unet, "midblock")
-    network.save(tmp_path / "network")
-    loaded = PerceptualNetwork.load(tmp_path / "network")
+def test_network_loads_from_the_frozen_unet_folder_with_only_the_parts_it_needs(tiny_unet, latents, context, tmp_path):
+    tiny_unet.save_pretrained(tmp_path / "network")  # what the freeze stage writes
     t = torch.tensor([1, 2, 3, 4])
-    assert torch.equal(loaded.features(latents, t, context)[0], network.features(latents, t, context)[0])
-    assert not any(p.requires_grad for p in loaded.parameters())
-    with pytest.raises(ValueError, match="up blocks"):
-        PerceptualNetwork.load(tmp_path / "network", "decoder")
+    for layer in ("midblock", "decoder", "encoder"):
+        loaded = PerceptualNetwork.load(tmp_path / "network", layer)
+        expected = PerceptualNetwork.frozen_copy(tiny_unet, layer).features(latents, t, context)
+        assert all(torch.equal(a, b) for a, b in zip(loaded.features(latents, t, context), expected))
+        assert not any(p.requires_grad for p in loaded.parameters())
+        parts = {name.split(".")[0] for name, _ in loaded.named_parameters()}
+        assert ("up_blocks" in parts) == (layer == "decoder")
+        assert ("mid_block" in parts) == (layer != "encoder")
 
 
 def test_mse_loss_is_v_prediction_error(tiny_unet, latents, context):

@@ -24,7 +24,7 @@ def saved_pipeline(tmp_path_factory, smoke_config):
     tokenizer = build_tokenizer(["a red circle on a white background", "a large blue square"], base.text.max_length)
     text_encoder = build_text_encoder(tokenizer, base.text, 0)
     vae = build_vae(base.vae, 32, 0)
-    unet = build_unet(base.unet, 16, 4, base.text.hidden_size, 0)
+    unet = build_unet(base.unet, 32 // 2 ** (len(base.vae.block_out_channels) - 1), 4, base.text.hidden_size, 0)
     folder = tmp_path_factory.mktemp("pipe") / "pipeline"
     assemble_pipeline(vae, text_encoder, tokenizer, unet, ddim_scheduler(smoke_config.schedule)).save_pretrained(folder)
     return folder
@@ -63,7 +63,12 @@ def test_sampling_is_deterministic_per_seed_and_cfg_changes_it(saved_pipeline):
     first = generate(pipeline, prompts, [0, 1], steps=5, cfg=None, rescale=None)
     again = generate(pipeline, prompts[:1], [0], steps=5, cfg=None, rescale=None)
     guided = generate(pipeline, prompts, [0, 1], steps=5, cfg=7.5, rescale=0.7)
-    assert np.array_equal(np.asarray(first[0]), np.asarray(again[0]))  # batch-independent seeds
-    assert not np.array_equal(np.asarray(first[0]), np.asarray(first[1]))
-    assert not np.array_equal(np.asarray(first[0]), np.asarray(guided[0]))
+    def difference(a, b):
+        return np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int))
+
+    # The same seed gives the same image whatever the batch (up to one level of rounding, from
+    # batch-size-dependent float summation order); another seed or CFG gives another image.
+    assert difference(first[0], again[0]).max() <= 1
+    assert difference(first[0], first[1]).mean() > 2
+    assert difference(first[0], guided[0]).mean() > 2
     assert first[0].size == (32, 32)

@@ -31,8 +31,8 @@ def _check_outputs_and_runs(copy):
     assert len(list((runs_dir / "sample_mse_s25" / "images").glob("*.png"))) == 24
 
     report = (runs_dir / "report" / "report.md").read_text()
-    assert "Table 1" in report and "Table 8" in report
-    assert "32.68" in report and "25.89" in report and "11.18" in report  # the paper's numbers beside ours
+    assert all(f"Table {number}:" in report for number in range(1, 9))
+    assert "32.68" in report and "25.89" in report and "11.18" in report and "42.42" in report  # the paper's numbers beside ours
     results = json.loads((runs_dir / "report" / "results.json").read_text())
     assert set(results["metrics"]) == set(SAMPLE_ROWS)
     assert all(m["fid"] > 0 and m["is"] >= 1 for m in results["metrics"].values())
@@ -46,9 +46,17 @@ def _check_outputs_and_runs(copy):
     row = evaluations.loc["mse_cfg75_r07_s25"]
     assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
+    assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)]
+    assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "layer_decoder")
     assert evaluations["metrics.fid"].notna().all() and evaluations["metrics.is"].notna().all()
     trains = runs[runs["tags.kind"] == "train"]
     assert set(trains["tags.objective"]) == {"mse", "sp"}
+    by_stage = trains.set_index("tags.stage")
+    assert by_stage.loc["train_sp_layer_decoder", "tags.sp_layer"] == "decoder"
+    assert by_stage.loc["train_sp_distance_mae", "tags.sp_distance"] == "mae"
+    assert by_stage.loc["train_sp_round2", "tags.perceptual_network"] == "train_sp"
+    assert by_stage.loc["train_sp", "tags.perceptual_network"] == "train_mse"
+    assert json.loads((runs_dir / "train_sp_tprime_near40" / "params.json").read_text())["train"]["sp"]["t_prime"] == "near40"
     history = mlflow.MlflowClient().get_metric_history(trains.iloc[0]["run_id"], "loss")
     assert len(history) >= 2
     artifacts = mlflow.MlflowClient().list_artifacts(trains.iloc[0]["run_id"], "images")

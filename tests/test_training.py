@@ -64,3 +64,26 @@ def test_mse_then_sp_training_runs_and_keeps_the_frozen_copy(tmp_path, tiny_unet
     sp = settings.sp.model_copy(update={"num_steps": 3})
     train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "uncond", 1000)
     assert all(torch.equal(v, frozen_state[k]) for k, v in frozen.state_dict().items())
+
+
+def test_both_networks_see_the_empty_caption_when_dropped_or_unconditional(tmp_path, tiny_unet, smoke_config):
+    """Condition dropout and the unconditional variant feed the empty caption's embedding to the
+    online model and to the frozen network alike (what the pipeline's unconditional branch feeds)."""
+    data = _latent_folder(tmp_path / "data")
+    frozen = PerceptualNetwork.frozen_copy(tiny_unet, "midblock")
+    seen = {"online": [], "frozen": []}
+    for name, module in (("online", tiny_unet.mid_block), ("frozen", frozen.mid_block)):
+        module.register_forward_pre_hook(lambda m, args, kwargs, name=name: seen[name].append(kwargs["encoder_hidden_states"]), with_kwargs=True)
+    settings = smoke_config.train.model_copy(update={"global_batch": 4})
+    loss = SelfPerceptualLoss(Schedule.zero_snr(), frozen)
+    for conditioning, dropout in (("uncond", 0.0), ("text", 1.0)):
+        sp = settings.sp.model_copy(update={"num_steps": 1, "condition_dropout": dropout})
+        train(tiny_unet, data, loss, sp, settings, conditioning, 1000)
+    assert len(seen["online"]) == 2 and len(seen["frozen"]) == 4  # real and predicted branch, each step
+    for context in seen["online"] + seen["frozen"]:
+        assert torch.equal(context, data.empty.expand_as(context))
+    seen["online"].clear(), seen["frozen"].clear()
+    sp = settings.sp.model_copy(update={"num_steps": 1})  # SP's own setting: no dropout
+    train(tiny_unet, data, loss, sp, settings, "text", 1000)
+    assert all(not (context == data.empty).flatten(1).all(1).any() for context in seen["online"] + seen["frozen"])
+    assert torch.equal(seen["online"][0], seen["frozen"][0])

@@ -1,7 +1,8 @@
-"""``python -m selfperceptual <stage> --params params.yaml --scale S --out DIR [stage inputs]``.
+"""``python -m selfperceptual <stage> --params params.yaml --scale S --out DIR [--set KEY=VALUE] [stage inputs]``.
 
 Every stage validates the whole params.yaml first, writes its output folder atomically (a crash
-leaves the previous output or nothing), and saves the resolved configuration beside its results.
+leaves the previous output or nothing), and saves the resolved configuration (``--set`` applied)
+beside its results.
 """
 
 from __future__ import annotations
@@ -18,15 +19,19 @@ from .io import atomic_dir, write_json
 STAGES = ("corpus", "filter", "download", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate", "report")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(names=STAGES) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m selfperceptual", description=__doc__)
     commands = parser.add_subparsers(dest="stage", required=True)
-    for name in STAGES:
+    for name in names:
         module = importlib.import_module(f".stages.{name}", __package__)
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         sub.add_argument("--params", type=Path, required=True, help="params.yaml")
         sub.add_argument("--scale", required=True, help="the params.yaml block to use (smoke, local, paper)")
         sub.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
+        sub.add_argument(
+            "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+            help="override a key of the scale block, e.g. train.sp.layer=encoder (repeatable; how ablations are run)",
+        )
         module.add_arguments(sub)
         sub.set_defaults(module=module)
     return parser
@@ -34,13 +39,17 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
-    args = _parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    # Import only the stage that runs (a pipeline starts dozens of these processes, and most
+    # stages never touch diffusers); an unknown or missing stage lists them all.
+    chosen = next((arg for arg in argv if not arg.startswith("-")), None)
+    args = _parser([chosen] if chosen in STAGES else STAGES).parse_args(argv)
     try:
-        scale, config = load_params(args.params, args.scale)
+        scale, config = load_params(args.params, args.scale, args.overrides)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     with atomic_dir(args.out) as out:
-        write_json(out / "params.json", {"scale": scale, "stage": args.stage, **config.model_dump()})
+        write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
         args.module.run(args, config, scale, out)
     return 0

@@ -76,7 +76,7 @@ class TinyTextConfig(Section):
 class TinyUNetConfig(Section):
     block_out_channels: list[int]
     layers_per_block: int
-    attention_head_dim: int
+    attention_heads: int  # heads per attention layer (diffusers calls it attention_head_dim); few, wide heads run fastest on CPUs
     norm_num_groups: int
 
 
@@ -177,7 +177,7 @@ class ParamsError(ValueError):
 def _describe(error: ValidationError, prefix: str) -> str:
     lines = []
     for item in error.errors():
-        key = ".".join(str(part) for part in (prefix, *item["loc"]))
+        key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
         else:
@@ -207,8 +207,9 @@ def validate_params(raw: dict) -> dict[str, ScaleConfig]:
     return scales
 
 
-def load_params(path: str | Path, scale: str | None = None) -> tuple[str, ScaleConfig]:
-    """Reads and validates ``path``; returns the scale in force (``scale`` overrides the file's)."""
+def load_params(path: str | Path, scale: str | None = None, overrides: list[str] = ()) -> tuple[str, ScaleConfig]:
+    """Reads and validates ``path``; returns the scale in force (``scale`` overrides the file's),
+    with ``overrides`` (``dotted.key=value``) applied on top of its block."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
@@ -217,7 +218,29 @@ def load_params(path: str | Path, scale: str | None = None) -> tuple[str, ScaleC
     chosen = scale or raw["scale"]
     if chosen not in scales:
         raise ParamsError(f"scale: must be one of {', '.join(SCALES)} (got {chosen!r})")
-    return chosen, scales[chosen]
+    return chosen, apply_overrides(scales[chosen], overrides, chosen)
+
+
+def apply_overrides(config: ScaleConfig, overrides: list[str], scale: str = "") -> ScaleConfig:
+    """``["train.sp.layer=encoder", ...]`` set on a validated block, then validated again.
+
+    Values are read as YAML (``3.0e-5`` is a float, ``null`` is None). An ablation is one of
+    these on the command line of the one training stage, never a copy of the stage.
+    """
+    block = config.model_dump()
+    for override in overrides:
+        key, sep, text = override.partition("=")
+        *parents, leaf = key.split(".")
+        section = block
+        for part in parents:
+            section = section.get(part) if isinstance(section, dict) else None
+        if not sep or not isinstance(section, dict) or leaf not in section:
+            raise ParamsError(f"--set {override}: no such key in the params block (want dotted.key=value)")
+        section[leaf] = yaml.safe_load(text)
+    try:
+        return ScaleConfig.model_validate(block)
+    except ValidationError as error:
+        raise ParamsError("invalid --set:\n" + _describe(error, scale)) from None
 
 
 def json_schema() -> dict:

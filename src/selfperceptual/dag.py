@@ -65,10 +65,10 @@ def build_stages() -> list[Stage]:
         if run.perceptual:
             inputs["perceptual"] = run.perceptual
         params = ("train.seed", "train.global_batch", "train.ema_decay", "train.log_every_steps", f"train.{run.objective}", "schedule")
-        extra = f"--objective {run.objective} --conditioning {run.conditioning}"
+        extra = " ".join([f"--objective {run.objective} --conditioning {run.conditioning}", *(f"--set {s}" for s in run.settings)])
         stages.append(_stage(run.name, "train", inputs, params, extra))
     for name, source in FREEZES.items():
-        stages.append(_stage(name, "freeze", {"model": source}, ("train.sp.layer",)))
+        stages.append(_stage(name, "freeze", {"model": source}, ()))
     for row in SAMPLE_ROWS.values():
         stages.append(_stage(f"sample_{row.name}", "sample", {"model": row.model, "corpus": "corpus"}, ("sample",), f"--row {row.name}"))
         stages.append(
@@ -130,7 +130,7 @@ def dvc_yaml(stages: list[Stage]) -> dict:
             stage.name: {
                 "cmd": dvc(stage.cmd),
                 **({"deps": [dvc(dep) for dep in stage.deps]} if stage.deps else {}),
-                "params": [dvc(f"{{scale}}.{key}") for key in stage.params],
+                **({"params": [dvc(f"{{scale}}.{key}") for key in stage.params]} if stage.params else {}),
                 "outs": [dvc(stage.out)],
             }
             for stage in stages

@@ -1,8 +1,10 @@
-"""The paper's experiments as data: which models are trained and which sampling rows are evaluated.
+"""The paper's experiments as data: which models are trained, which sampling rows are evaluated,
+and which row of which paper table each one stands beside.
 
 Variants are entries of these registries, never copies of code: a training run is one objective
-and one conditioning of the one training stage; a sampling row is one sampler setting of the one
-sampling stage. The DAG (``dag.py``) and the report (``stages/report.py``) both read them.
+and one conditioning of the one training stage, an ablation is a ``--set`` of its SP settings;
+a sampling row is one sampler setting of the one sampling stage. The DAG (``dag.py``) and the
+report (``stages/report.py``) both read them.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ class TrainRun:
     objective: str  # mse | sp
     conditioning: str  # text | uncond
     init: str  # stage whose pipeline is the starting point
-    perceptual: str | None = None  # freeze stage that provides f*_l (SP only)
+    perceptual: str | None = None  # freeze stage that provides f* (SP only)
+    settings: tuple[str, ...] = ()  # --set overrides of the scale block (the ablations)
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,6 @@ class SampleRow:
     steps: int
     cfg: float | None = None  # None: guidance off
     rescale: float | None = None
-    table: str = "table1"
 
     @property
     def conditioning(self) -> str:
@@ -40,34 +42,153 @@ class SampleRow:
     def nfe(self) -> int:
         return self.steps * (2 if self.cfg is not None and self.cfg > 1 else 1)
 
+    @property
+    def tables(self) -> list[str]:
+        return [name for name, table in TABLES.items() if any(entry.row == self.name for entry in table.rows)]
 
-TRAIN_RUNS = {
-    run.name: run
-    for run in (
-        TrainRun("train_mse", "mse", "text", init="base"),
-        TrainRun("train_sp", "sp", "text", init="train_mse", perceptual="freeze"),
-        TrainRun("train_mse_uncond", "mse", "uncond", init="base"),
-        TrainRun("train_sp_uncond", "sp", "uncond", init="train_mse_uncond", perceptual="freeze_uncond"),
-    )
-}
 
-# freeze stage -> the MSE training stage it copies.
-FREEZES = {"freeze": "train_mse", "freeze_uncond": "train_mse_uncond"}
+def _sp_ablation(name: str, *settings: str, init: str = "train_mse", perceptual: str = "freeze") -> TrainRun:
+    return TrainRun(name, "sp", "text", init=init, perceptual=perceptual, settings=settings)
+
+
+MAIN_RUNS = (
+    TrainRun("train_mse", "mse", "text", init="base"),
+    TrainRun("train_sp", "sp", "text", init="train_mse", perceptual="freeze"),
+    TrainRun("train_mse_uncond", "mse", "uncond", init="base"),
+    TrainRun("train_sp_uncond", "sp", "uncond", init="train_mse_uncond", perceptual="freeze_uncond"),
+)
+
+# Tables 2-6: SP runs that differ from train_sp in one setting each.
+ABLATION_RUNS = (
+    # Table 2: which layer's features (losses summed over the layers).
+    _sp_ablation("train_sp_layer_encoder", "train.sp.layer=encoder"),
+    _sp_ablation("train_sp_layer_decoder", "train.sp.layer=decoder"),
+    _sp_ablation("train_sp_layer_encoder_midblock", "train.sp.layer=encoder_midblock"),
+    # Table 3: how t' is drawn (the rules are documented in losses.T_PRIME_SAMPLERS).
+    _sp_ablation("train_sp_tprime_near40", "train.sp.t_prime=near40"),
+    _sp_ablation("train_sp_tprime_normal100", "train.sp.t_prime=normal100"),
+    # Table 4: distance on the features.
+    _sp_ablation("train_sp_distance_mae", "train.sp.distance=mae"),
+    # Table 5: the sp2 formulation (Eq. 13-16).
+    _sp_ablation("train_sp_formulation_sp2", "train.sp.formulation=sp2"),
+    # Table 6: a second SP round whose perceptual network is the frozen SP model. "Repeat the
+    # training process" is read as continuing from the SP model, as the first round continued
+    # from the MSE model.
+    _sp_ablation("train_sp_round2", init="train_sp", perceptual="freeze_sp"),
+)
+
+TRAIN_RUNS = {run.name: run for run in (*MAIN_RUNS, *ABLATION_RUNS)}
+
+# freeze stage -> the training stage it copies.
+FREEZES = {"freeze": "train_mse", "freeze_uncond": "train_mse_uncond", "freeze_sp": "train_sp"}
+
 
 SAMPLE_ROWS = {
     row.name: row
     for row in (
-        # Table 1
         SampleRow("mse_s25", "train_mse", 25),
         SampleRow("mse_s50", "train_mse", 50),
         SampleRow("mse_cfg75_s25", "train_mse", 25, cfg=7.5),
         SampleRow("mse_cfg75_r07_s25", "train_mse", 25, cfg=7.5, rescale=0.7),
         SampleRow("sp_s25", "train_sp", 25),
         SampleRow("sp_s50", "train_sp", 50),
-        # Table 8 (always the empty prompt)
-        SampleRow("uncond_mse_s25", "train_mse_uncond", 25, table="table8"),
-        SampleRow("uncond_sp_s25", "train_sp_uncond", 25, table="table8"),
+        SampleRow("uncond_mse_s25", "train_mse_uncond", 25),  # always the empty prompt
+        SampleRow("uncond_sp_s25", "train_sp_uncond", 25),
+        *(SampleRow(run.name.removeprefix("train_") + "_s25", run.name, 25) for run in ABLATION_RUNS),
+        # Table 7: SP with classifier-free guidance, rescale 0.7.
+        SampleRow("sp_cfg2_r07_s25", "train_sp", 25, cfg=2.0, rescale=0.7),
+        SampleRow("sp_cfg3_r07_s25", "train_sp", 25, cfg=3.0, rescale=0.7),
+        SampleRow("sp_cfg4_r07_s25", "train_sp", 25, cfg=4.0, rescale=0.7),
+        SampleRow("sp_cfg75_r07_s25", "train_sp", 25, cfg=7.5, rescale=0.7),
     )
+}
+
+
+@dataclass(frozen=True)
+class TableEntry:
+    row: str | None  # our sampling row; None for the real images (ground truth)
+    paper: dict  # the key fields of the matching entry of paper_results.yaml
+
+
+@dataclass(frozen=True)
+class Table:
+    title: str
+    columns: tuple[str, ...]  # the paper's key fields, shown as columns
+    rows: tuple[TableEntry, ...]
+    note: str = ""
+
+
+def _entries(column: str, pairs: dict) -> tuple[TableEntry, ...]:
+    return tuple(TableEntry(row, {column: value}) for value, row in pairs.items())
+
+
+def _guided(loss: str, cfg, rescale, steps: int | None = None) -> dict:
+    return {"loss": loss, "cfg": cfg, "rescale": rescale, **({"steps": steps} if steps else {})}
+
+
+TABLES = {
+    "table1": Table(
+        "Table 1: quantitative evaluation",
+        ("loss", "cfg", "rescale", "steps", "nfe"),
+        (
+            TableEntry(None, {"loss": "ground_truth"}),
+            TableEntry("mse_s25", _guided("mse", None, None, 25)),
+            TableEntry("mse_s50", _guided("mse", None, None, 50)),
+            TableEntry("mse_cfg75_s25", _guided("mse", 7.5, None, 25)),
+            TableEntry("mse_cfg75_r07_s25", _guided("mse", 7.5, 0.7, 25)),
+            TableEntry("sp_s25", _guided("sp", None, None, 25)),
+            TableEntry("sp_s50", _guided("sp", None, None, 50)),
+        ),
+    ),
+    "table2": Table(
+        "Table 2: layer l of the perceptual features",
+        ("layer",),
+        _entries(
+            "layer",
+            {
+                "all_encoder": "sp_layer_encoder_s25",
+                "all_decoder": "sp_layer_decoder_s25",
+                "all_encoder_midblock": "sp_layer_encoder_midblock_s25",
+                "midblock": "sp_s25",
+            },
+        ),
+        "Encoder features are the outputs of every down block, decoder features those of every up block; the losses are summed.",
+    ),
+    "table3": Table(
+        "Table 3: choice of t' (clamped to [1, T])",
+        ("t_prime",),
+        _entries("t_prime", {"t +/- 40": "sp_tprime_near40_s25", "normal(t, 100)": "sp_tprime_normal100_s25", "uniform(1, T)": "sp_s25"}),
+        "The paper leaves the rules open. Ours: t +/- 40 is t' = t - 40 or t + 40 with equal probability; "
+        "N(t, 100) is a normal with standard deviation 100, rounded; both clamped to the schedule's range; "
+        "uniform is drawn independently of t.",
+    ),
+    "table4": Table("Table 4: distance on the features", ("distance",), _entries("distance", {"mae": "sp_distance_mae_s25", "mse": "sp_s25"})),
+    "table5": Table(
+        "Table 5: formulation", ("formulation",), _entries("formulation", {"sp": "sp_s25", "sp2": "sp_formulation_sp2_s25"})
+    ),
+    "table6": Table(
+        "Table 6: which network is the frozen perceptual network",
+        ("perceptual_network",),
+        _entries("perceptual_network", {"mse_model": "sp_s25", "sp_model": "sp_round2_s25"}),
+        "sp_model: a second SP round that continues from the SP model, with the frozen SP model as f*.",
+    ),
+    "table7": Table(
+        "Table 7: self-perceptual combined with classifier-free guidance",
+        ("loss", "cfg", "rescale"),
+        (
+            TableEntry("mse_cfg75_r07_s25", _guided("mse", 7.5, 0.7)),
+            TableEntry("sp_s25", _guided("sp", None, None)),
+            TableEntry("sp_cfg2_r07_s25", _guided("sp", 2.0, 0.7)),
+            TableEntry("sp_cfg3_r07_s25", _guided("sp", 3.0, 0.7)),
+            TableEntry("sp_cfg4_r07_s25", _guided("sp", 4.0, 0.7)),
+            TableEntry("sp_cfg75_r07_s25", _guided("sp", 7.5, 0.7)),
+        ),
+    ),
+    "table8": Table(
+        "Table 8: unconditional generation (always the empty prompt)",
+        ("loss",),
+        (TableEntry("uncond_mse_s25", {"loss": "mse"}), TableEntry("uncond_sp_s25", {"loss": "sp"})),
+    ),
 }
 
 # Same-seed grids of the report (Fig. 3/4 and Fig. 5): columns, left to right.

@@ -19,6 +19,23 @@ from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
 from .schedule import Schedule
 
+# The UNet of stabilityai/stable-diffusion-2-1-base (its unet/config.json), for tests and benchmarks
+# of the paper's architecture without its weights.
+SD21_BASE_UNET = dict(
+    sample_size=64,
+    in_channels=4,
+    out_channels=4,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    block_out_channels=(320, 640, 1280, 1280),
+    layers_per_block=2,
+    attention_head_dim=(5, 10, 20, 20),  # diffusers reads this as the number of heads: 64 channels each
+    cross_attention_dim=1024,
+    use_linear_projection=True,
+    norm_num_groups=32,
+)
+SD21_TEXT_TOKENS = 77  # CLIP's context length; the text width is cross_attention_dim
+
 SPECIAL_TOKENS = {"pad": "<|pad|>", "unk": "<|unk|>", "bos": "<|startoftext|>", "eos": "<|endoftext|>"}
 
 
@@ -90,7 +107,7 @@ def build_unet(config, sample_size: int, latent_channels: int, cross_attention_d
         up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * (levels - 1),
         block_out_channels=tuple(config.block_out_channels),
         layers_per_block=config.layers_per_block,
-        attention_head_dim=config.attention_head_dim,
+        attention_head_dim=config.attention_heads,  # diffusers reads this as the number of heads
         norm_num_groups=config.norm_num_groups,
         cross_attention_dim=cross_attention_dim,
         use_linear_projection=True,

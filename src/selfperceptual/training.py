@@ -52,6 +52,8 @@ def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir:
         if perceptual_dir is None:
             raise ValueError("the sp objective needs --perceptual (a freeze stage's folder)")
         sp = train_config.sp
+        if not (perceptual_dir / "network" / "config.json").is_file():
+            raise FileNotFoundError(f"--perceptual {perceptual_dir}: no frozen network (network/config.json); run its freeze stage")
         perceptual = PerceptualNetwork.load(perceptual_dir / "network", sp.layer)
         return SelfPerceptualLoss(schedule, perceptual, sp.distance, sp.t_prime, sp.formulation), sp
     raise ValueError(f"unknown objective {objective!r}; choose mse or sp")

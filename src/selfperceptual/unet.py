@@ -8,15 +8,12 @@ conv_in, the time embedding, the down blocks and the mid block) and returns hidd
 from __future__ import annotations
 
 import copy
-import json
 from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
-from safetensors.torch import load_file, save_file
+from safetensors import safe_open
 from torch import nn
-
-from .io import atomic_dir
 
 # Which hidden features each layer choice of Table 2 returns.
 LAYERS = {
@@ -39,15 +36,12 @@ class Denoiser(nn.Module):
         return self.unet(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
 
 
-def _needs_up_blocks(layer: str) -> bool:
-    return "up" in LAYERS[layer]
-
-
 class PerceptualNetwork(nn.Module):
     """f*_l: the parts of a UNet that layer l needs, returning its features.
 
     The constructor shares the UNet's modules (for inspection); ``frozen_copy`` and ``load`` give
-    the frozen network that training uses.
+    the frozen network that training uses. The freeze stage saves the whole frozen UNet, so every
+    layer choice of Table 2 can be loaded from it.
     """
 
     def __init__(self, unet: UNet2DConditionModel, layer: str):
@@ -55,11 +49,11 @@ class PerceptualNetwork(nn.Module):
         if layer not in LAYERS:
             raise ValueError(f"unknown perceptual layer {layer!r}; choose one of {', '.join(LAYERS)}")
         self.layer = layer
-        self.unet_config = dict(unet.config)
+        wanted = LAYERS[layer]
         for name in _ENCODER_PARTS:
             setattr(self, name, getattr(unet, name))
-        self.mid_block = unet.mid_block
-        self.up_blocks = unet.up_blocks if _needs_up_blocks(layer) else None
+        self.mid_block = unet.mid_block if {"mid", "up"} & set(wanted) else None
+        self.up_blocks = unet.up_blocks if "up" in wanted else None
 
     @classmethod
     def frozen_copy(cls, unet: UNet2DConditionModel, layer: str) -> "PerceptualNetwork":
@@ -70,6 +64,7 @@ class PerceptualNetwork(nn.Module):
         return super().train(False)  # always eval: frozen means no dropout or norm updates either
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
+        """The hidden features of layer l, in the order the UNet computes them (UNet2DConditionModel.forward, cut short)."""
         wanted = LAYERS[self.layer]
         t = t.expand(x_t.shape[0]) if t.ndim == 0 else t
         emb = self.time_embedding(self.time_proj(t).to(x_t.dtype))
@@ -83,38 +78,33 @@ class PerceptualNetwork(nn.Module):
             skips.extend(res)
             if "down" in wanted:
                 found.append(h)
+        if self.mid_block is None:
+            return found
         h = self.mid_block(h, emb, encoder_hidden_states=context)
         if "mid" in wanted:
             found.append(h)
-        if "up" in wanted:
-            for block in self.up_blocks:
-                res, skips = tuple(skips[-len(block.resnets) :]), skips[: -len(block.resnets)]
-                if getattr(block, "has_cross_attention", False):
-                    h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb, encoder_hidden_states=context)
-                else:
-                    h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb)
-                found.append(h)
+        for block in self.up_blocks or ():
+            res, skips = tuple(skips[-len(block.resnets) :]), skips[: -len(block.resnets)]
+            if getattr(block, "has_cross_attention", False):
+                h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb, encoder_hidden_states=context)
+            else:
+                h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb)
+            found.append(h)
         return found
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())
 
-    def save(self, directory: str | Path) -> None:
-        with atomic_dir(directory) as tmp:
-            save_file({k: v.contiguous() for k, v in self.state_dict().items()}, tmp / "perceptual.safetensors")
-            (tmp / "perceptual.json").write_text(json.dumps({"layer": self.layer, "unet_config": self.unet_config}, indent=2))
-
     @classmethod
-    def load(cls, directory: str | Path, layer: str | None = None) -> "PerceptualNetwork":
-        """Loads a saved network; ``layer`` may ask for fewer parts than were saved."""
-        directory = Path(directory)
-        meta = json.loads((directory / "perceptual.json").read_text())
-        layer = layer or meta["layer"]
-        if _needs_up_blocks(layer) and not _needs_up_blocks(meta["layer"]):
-            raise ValueError(f"{directory} holds no up blocks; layer {layer!r} needs them (freeze with that layer)")
-        with torch.device("meta"):
-            unet = UNet2DConditionModel.from_config(meta["unet_config"])
+    def load(cls, unet_dir: str | Path, layer: str) -> "PerceptualNetwork":
+        """f*_l from a saved UNet folder (the freeze stage's): reads only the tensors ``layer`` needs."""
+        unet_dir = Path(unet_dir)
+        with torch.device("meta"):  # the parts layer l does not need are never allocated
+            unet = UNet2DConditionModel.from_config(UNet2DConditionModel.load_config(unet_dir))
         network = cls(unet, layer)
-        state = load_file(directory / "perceptual.safetensors")
-        network.load_state_dict({k: v for k, v in state.items() if k in network.state_dict()}, assign=True)
+        wanted, state = set(network.state_dict()), {}
+        for path in sorted(unet_dir.glob("*.safetensors")):  # one file, or the shards of a large model
+            with safe_open(path, framework="pt") as tensors:
+                state.update({key: tensors.get_tensor(key) for key in tensors.keys() if key in wanted})
+        network.load_state_dict(state, strict=True, assign=True)
         return network.requires_grad_(False).eval()

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .. import tracking
 from ..evaluation import extract, frechet_distance, gaussian_stats, inception_score, load_extractor
-from ..experiments import SAMPLE_ROWS
+from ..experiments import ABLATION_RUNS, SAMPLE_ROWS, TRAIN_RUNS
 from ..io import read_json, write_json
 from ..sampling import grid
 
@@ -39,7 +39,9 @@ def run(args, config, scale, out) -> None:
     tags = {
         "kind": "evaluate",
         "row": row.name,
-        "table": row.table,
+        "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
+        "model": row.model,
+        "ablation": row.model.removeprefix("train_sp_") if TRAIN_RUNS[row.model] in ABLATION_RUNS else "none",
         "objective": row.objective,
         "conditioning": row.conditioning,
         "cfg": row.cfg if row.cfg is not None else "none",

@@ -1,4 +1,9 @@
-"""freeze: the frozen perceptual network f*_l copied from a trained model (Algorithm 1 l. 9-11)."""
+"""freeze: the frozen perceptual network f* copied from a trained model (Algorithm 1 l. 9-11).
+
+Saves the whole frozen UNet (a diffusers UNet folder); the SP training stage loads from it only
+the parts its layer l needs (for the mid-block feature: conv_in, time embedding, down blocks and
+mid block). ``summary.json`` gives the parameter count of f*_l for each layer choice of Table 2.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +12,7 @@ from pathlib import Path
 
 from ..io import write_json
 from ..models import load_unet
-from ..unet import PerceptualNetwork
+from ..unet import LAYERS, PerceptualNetwork
 
 log = logging.getLogger("freeze")
 
@@ -17,13 +22,12 @@ def add_arguments(parser) -> None:
 
 
 def run(args, config, scale, out) -> None:
-    unet = load_unet(args.model / "pipeline")
-    network = PerceptualNetwork.frozen_copy(unet, config.train.sp.layer)
-    network.save(out / "network")
+    unet = load_unet(args.model / "pipeline").requires_grad_(False).eval()
+    unet.save_pretrained(out / "network", safe_serialization=True)
     summary = {
-        "layer": network.layer,
-        "parameters": network.num_parameters(),
+        "source": str(args.model),
         "unet_parameters": sum(p.numel() for p in unet.parameters()),
+        "perceptual_parameters": {layer: PerceptualNetwork(unet, layer).num_parameters() for layer in LAYERS},
     }
     write_json(out / "summary.json", summary)
     log.info("freeze: %s", summary)

@@ -1,4 +1,4 @@
-"""report: Tables 1 and 8 with our numbers beside the paper's, and same-seed sample grids."""
+"""report: Tables 1-8 with our numbers beside the paper's, and same-seed sample grids."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
-from ..experiments import GRIDS, SAMPLE_ROWS
+from ..experiments import GRIDS, TABLES
 from ..io import read_json, write_json
 from ..sampling import grid
 
@@ -27,36 +27,32 @@ def _fmt(value, digits=2) -> str:
     return "—" if value is None else f"{value:.{digits}f}"
 
 
-def _setting(value) -> str:
-    return "—" if value is None else f"{value:g}"
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
-def _paper_row(paper_rows: list[dict], row) -> dict:
-    for entry in paper_rows:
-        if entry.get("loss") != row.objective:
-            continue
-        if row.table == "table8" or (entry.get("cfg") == row.cfg and entry.get("rescale") == row.rescale and entry.get("steps") == row.steps):
-            return entry
-    return {}
+def paper_entry(paper_rows: list[dict], key: dict) -> dict:
+    """The entry of a paper table whose fields equal ``key`` (fields it lacks count as null)."""
+    matches = [entry for entry in paper_rows if all(entry.get(field) == value for field, value in key.items())]
+    if len(matches) != 1:
+        raise ValueError(f"{len(matches)} paper rows match {key}; expected exactly one")
+    return matches[0]
 
 
 def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[str, list[list[str]]]:
-    """Rows of Table 1 and Table 8, each ours beside the paper's."""
-    table1 = [["Loss", "CFG", "Rescale", "Steps", "NFE", "FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]]
-    truth = next(entry for entry in paper["table1"] if entry["loss"] == "ground_truth")
-    table1.append(["Ground truth", "—", "—", "—", "—", _fmt(truth["fid"]), _fmt(0.0), _fmt(truth["is"]), _fmt(real_is)])
-    table8 = [["Loss", "IS (paper)", "IS (ours)", "FID (ours)"]]
-    for name, row in SAMPLE_ROWS.items():
-        ours = metrics.get(name, {})
-        theirs = _paper_row(paper[row.table], row)
-        if row.table == "table1":
-            table1.append(
-                [row.objective.upper(), _setting(row.cfg), _setting(row.rescale), str(row.steps), str(row.nfe),
-                 _fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))]
-            )
-        else:
-            table8.append([row.objective.upper(), _fmt(theirs.get("is")), _fmt(ours.get("is")), _fmt(ours.get("fid"))])
-    return {"Table 1: text-to-image (paper: MSCOCO-2014 val 10k, FID/IS)": table1, "Table 8: unconditional": table8}
+    """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —."""
+    tables = {}
+    for name, table in TABLES.items():
+        rows = [[column.replace("_", " ").capitalize() for column in table.columns] + ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]]
+        for entry in table.rows:
+            theirs = paper_entry(paper[name], entry.paper)
+            ours = {"fid": 0.0, "is": real_is} if entry.row is None else metrics.get(entry.row, {})
+            settings = [_cell(theirs.get(column, entry.paper.get(column))) for column in table.columns]
+            rows.append(settings + [_fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))])
+        tables[name] = rows
+    return tables
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -98,9 +94,10 @@ def run(args, config, scale, out) -> None:
     md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
     page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",
             "<h1>Diffusion Model with Perceptual Loss: reproduction report</h1>", f"<p>{html.escape(intro)}</p>"]
-    for title, rows in tables.items():
-        md.append(f"## {title}\n\n{markdown_table(rows)}\n")
-        page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}")
+    for name, rows in tables.items():
+        title, note = TABLES[name].title, TABLES[name].note
+        md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
+        page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
     for file_name, caption in grids.items():
         md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n")
         page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'>")

@@ -6,7 +6,7 @@ import logging
 from pathlib import Path
 
 from .. import tracking
-from ..io import write_json
+from ..io import read_json, write_json
 from ..models import load_pipeline, load_unet, save_with_unet
 from ..sampling import generate, grid
 from ..schedule import Schedule
@@ -22,6 +22,14 @@ def add_arguments(parser) -> None:
     parser.add_argument("--perceptual", type=Path, help="a freeze stage's folder (sp only)")
     parser.add_argument("--objective", choices=("mse", "sp"), required=True)
     parser.add_argument("--conditioning", choices=("text", "uncond"), required=True)
+
+
+def sp_tags(objective: str, sp, perceptual: Path | None) -> dict:
+    """The SP settings a run was trained with, as MLflow tags (what the ablation tables vary)."""
+    if objective != "sp":
+        return {}
+    source = Path(read_json(perceptual / "summary.json")["source"]).name  # the model f* was frozen from
+    return {"sp_layer": sp.layer, "sp_t_prime": sp.t_prime, "sp_distance": sp.distance, "sp_formulation": sp.formulation, "perceptual_network": source}
 
 
 def run(args, config, scale, out) -> None:
@@ -45,8 +53,8 @@ def run(args, config, scale, out) -> None:
     tracking.log_run(
         scale,
         stage=args.out.name,
-        params={"objective": args.objective, "conditioning": args.conditioning, "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
-        tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train"},
+        params={"objective": args.objective, "conditioning": args.conditioning, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
+        tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", **sp_tags(args.objective, config.train.sp, args.perceptual)},
         metrics=metrics,
         series=history.series,
         images=[out / "preview.png"],

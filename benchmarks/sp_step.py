@@ -1,0 +1,136 @@
+"""Step time and peak memory of an MSE step, our SP step, and a naive Algorithm 1 step.
+
+    python benchmarks/sp_step.py                      # local-scale UNet and batch, CPU
+    python benchmarks/sp_step.py --shape sd21 --device cuda --dtype bfloat16 --latent 64
+
+All three run on the same UNet, batch and latents. "naive" is Algorithm 1 as public ports write
+it: a full deep copy of the UNet with a forward hook on the mid block, both branches with
+autograd. Each variant runs in its own process so peak memory is its own (CPU: max RSS; CUDA:
+max allocated). Ratios are to the MSE step measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def build(shape: str):
+    """(unet, text length, text width, latent side) for the local scale's UNet or SD 2.1-base's."""
+    from diffusers import UNet2DConditionModel
+
+    from selfperceptual.config import load_params
+    from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
+
+    if shape == "sd21":
+        return UNet2DConditionModel(**SD21_BASE_UNET), SD21_TEXT_TOKENS, SD21_BASE_UNET["cross_attention_dim"], 64
+    config = load_params(REPO / "params.yaml", "local")[1]
+    base, latent = config.base, config.download.resolution // 2 ** (len(config.base.vae.block_out_channels) - 1)
+    unet = build_unet(base.unet, latent, base.vae.latent_channels, base.text.hidden_size, seed=0)
+    return unet, base.text.max_length, base.text.hidden_size, latent
+
+
+class NaiveSelfPerceptual:
+    """Algorithm 1 with a full frozen copy, a mid-block hook and autograd on both branches."""
+
+    def __init__(self, schedule, unet):
+        self.schedule = schedule
+        self.frozen = copy.deepcopy(unet).requires_grad_(False).eval()
+        self.captured = {}
+        self.frozen.mid_block.register_forward_hook(lambda module, args, output: self.captured.__setitem__("mid", output))
+
+    def _feature(self, x, t, context):
+        self.frozen(x, t, encoder_hidden_states=context)
+        return self.captured["mid"]
+
+    def __call__(self, denoiser, x0, context, generator=None):
+        s = self.schedule
+        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        t = s.sample_timesteps(len(x0), generator, x0.device)
+        x_t = s.add_noise(x0, eps, t)
+        v_hat = denoiser(x_t, t, context)
+        x0_hat, eps_hat = s.x0_from_v(x_t, v_hat, t), s.eps_from_v(x_t, v_hat, t)
+        t_prime = s.sample_timesteps(len(x0), generator, x0.device)
+        real = self._feature(s.add_noise(x0, eps, t_prime), t_prime, context)
+        predicted = self._feature(s.add_noise(x0_hat, eps_hat, t_prime), t_prime, context)
+        return ((predicted.float() - real.float()) ** 2).flatten(1).mean(1), {"t": t}
+
+
+def measure(variant: str, args) -> dict:
+    from selfperceptual.losses import MSELoss, SelfPerceptualLoss
+    from selfperceptual.schedule import Schedule
+    from selfperceptual.unet import Denoiser, PerceptualNetwork
+
+    torch.manual_seed(0)
+    device, dtype = torch.device(args.device), getattr(torch, args.dtype)
+    unet, length, width, latent = build(args.shape)
+    latent = args.latent or latent
+    unet.to(device, dtype).train()
+    schedule = Schedule.zero_snr()
+    loss_fn = {
+        "mse": lambda: MSELoss(schedule),
+        "sp": lambda: SelfPerceptualLoss(schedule, PerceptualNetwork.frozen_copy(unet, "midblock")),
+        "naive": lambda: NaiveSelfPerceptual(schedule, unet),
+    }[variant]()
+    denoiser = Denoiser(unet)
+    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5)
+    generator = torch.Generator(device).manual_seed(0)
+    x0 = torch.randn(args.batch, 4, latent, latent, generator=generator, device=device, dtype=dtype)
+    context = torch.randn(args.batch, length, width, generator=generator, device=device, dtype=dtype)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    times = []
+    for step in range(args.warmup + args.repeats):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        per_sample, _ = loss_fn(denoiser, x0, context, generator=generator)
+        optimizer.zero_grad(set_to_none=True)
+        per_sample.mean().backward()
+        optimizer.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step >= args.warmup:
+            times.append(time.perf_counter() - started)
+    peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return {"variant": variant, "step_s": statistics.median(times), "peak_mib": peak / 2**20, "latent": latent}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", choices=("local", "sd21"), default="local", help="the local scale's UNet (params.yaml) or SD 2.1-base's")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default="float32")
+    parser.add_argument("--batch", type=int, default=48, help="the local scale's global batch")
+    parser.add_argument("--latent", type=int, help="latent side (default: the shape's own; SD 2.1-base at 512 px: 64)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--variant", choices=("mse", "sp", "naive"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.variant:  # a child process: measure one variant and report it as JSON
+        print(json.dumps(measure(args.variant, args)))
+        return
+    rows = []
+    for variant in ("mse", "sp", "naive"):
+        child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+        rows.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
+    base = rows[0]
+    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} latent={base['latent']}x{base['latent']} threads={torch.get_num_threads()}")
+    print(f"{'step':<8}{'time/step':>12}{'x MSE':>8}{'peak MiB':>11}{'x MSE':>8}")
+    for row in rows:
+        print(f"{row['variant']:<8}{row['step_s']:>11.3f}s{row['step_s'] / base['step_s']:>8.2f}{row['peak_mib']:>11.0f}{row['peak_mib'] / base['peak_mib']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""The report puts each of our rows beside the matching paper row; the tiny VAE learns and is scaled."""
+
+import sys
+
+import torch
+import yaml
+from workspace import copy_repository, run
+
+from selfperceptual.experiments import SAMPLE_ROWS
+from selfperceptual.stages.report import build_tables, markdown_table
+
+
+def test_each_row_sits_beside_the_matching_paper_number(repo):
+    paper = yaml.safe_load((repo / "workflow/paper_results.yaml").read_text())
+    ours = {name: {"fid": 100.0 + index, "is": 1.0 + index} for index, name in enumerate(SAMPLE_ROWS)}
+    tables = build_tables(ours, paper, real_is=7.0)
+    assert set(tables) == {f"table{n}" for n in range(1, 9)}
+    by_setting = {tuple(r[:4]): r for r in tables["table1"][1:]}
+    assert by_setting[("mse", "7.5", "0.7", "25")][5:] == ["18.67", f"{ours['mse_cfg75_r07_s25']['fid']:.2f}", "34.17", f"{ours['mse_cfg75_r07_s25']['is']:.2f}"]
+    assert by_setting[("mse", "7.5", "—", "25")][5] == "24.41"
+    assert by_setting[("sp", "—", "—", "50")][5:7] == ["24.42", f"{ours['sp_s50']['fid']:.2f}"]
+    assert by_setting[("ground_truth", "—", "—", "—")][7:] == ["35.28", "7.00"]
+    layers = {r[0]: r[1:] for r in tables["table2"][1:]}
+    assert layers["all_decoder"] == ["42.42", f"{ours['sp_layer_decoder_s25']['fid']:.2f}", "19.98", f"{ours['sp_layer_decoder_s25']['is']:.2f}"]
+    assert layers["midblock"][1] == f"{ours['sp_s25']['fid']:.2f}"  # the main SP run is the baseline of every ablation
+    assert {r[0]: r[2] for r in tables["table6"][1:]}["sp_model"] == f"{ours['sp_round2_s25']['fid']:.2f}"
+    guided = {(r[0], r[1]): r[3:] for r in tables["table7"][1:]}
+    assert guided[("sp", "3")] == ["20.65", f"{ours['sp_cfg3_r07_s25']['fid']:.2f}", "33.49", f"{ours['sp_cfg3_r07_s25']['is']:.2f}"]
+    assert [row[:4] for row in tables["table8"][1:]] == [["mse", "—", f"{ours['uncond_mse_s25']['fid']:.2f}", "11.18"], ["sp", "—", f"{ours['uncond_sp_s25']['fid']:.2f}", "12.04"]]
+    assert markdown_table(tables["table8"]).count("\n") == len(tables["table8"])
+
+
+def test_a_missing_evaluation_shows_as_a_dash(repo):
+    paper = yaml.safe_load((repo / "workflow/paper_results.yaml").read_text())
+    tables = build_tables({}, paper, real_is=7.0)
+    ours = [(row[2], row[4]) for row in tables["table3"][1:]]
+    assert ours == [("—", "—")] * 3
+    assert [row[1] for row in tables["table3"][1:]] == ["27.24", "24.54", "25.89"]
+
+
+def test_tiny_vae_training_lowers_the_loss_and_sets_unit_variance_latents(smoke_config):
+    from selfperceptual.models import build_vae
+    from selfperceptual.stages.base import latent_scaling_factor, train_vae
+
+    generator = torch.Generator().manual_seed(0)
+    images = (torch.rand(64, 3, 1, 1, generator=generator) * 2 - 1).expand(64, 3, 32, 32).contiguous()  # flat colours
+    vae = build_vae(smoke_config.base.vae, 32, seed=0)
+    curve = train_vae(vae, images, smoke_config.base.vae.model_copy(update={"train_steps": 40}), seed=0)
+    assert curve[-1][1] < curve[0][1]
+    factor = latent_scaling_factor(vae, images)
+    with torch.no_grad():
+        scaled = vae.encode(images).latent_dist.mean * factor
+    assert abs(scaled.std().item() - 1.0) < 0.05
+
+
+def test_a_bad_params_key_stops_dvc_repro_at_the_first_stage(tmp_path):
+    copy = copy_repository(tmp_path, scale="smoke")
+    params = (copy / "params.yaml").read_text().replace("global_batch: 16", "global_batch: sixteen", 1)
+    (copy / "params.yaml").write_text(params)
+    result = run([sys.executable, "-m", "dvc", "repro"], copy, check=False)
+    assert result.returncode != 0
+    assert "smoke.train.global_batch" in result.stdout + result.stderr
+    assert not (copy / "runs" / "smoke" / "corpus").exists()
