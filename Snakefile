@@ -11,6 +11,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from selfperceptual import tracking
+from selfperceptual.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
 from selfperceptual.config import ParamsError, load_params
 from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values
 
@@ -18,7 +19,9 @@ configfile: PARAMS_FILE
 
 try:
     SCALE, CONFIG = load_params(PARAMS_FILE, config.get("scale"))
-except ParamsError as error:
+    # Partition, account and GPU type: `cluster:` of the Snakemake config, else the user's cluster.yaml.
+    CLUSTER = cluster_settings(config.get("cluster") or read_cluster_file(CLUSTER_FILE))
+except (ParamsError, ClusterSettingsError) as error:
     raise WorkflowError(str(error))
 MISSING = missing_external_inputs(CONFIG)
 if MISSING:
@@ -26,7 +29,7 @@ if MISSING:
 
 # One id for every MLflow run of this execution (jobs on a cluster inherit it).
 os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]}")
-STAGES = build_stages()
+STAGES = build_stages(CONFIG)
 
 
 def at_scale(path):

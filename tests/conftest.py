@@ -44,3 +44,23 @@ def context():
 @pytest.fixture
 def latents():
     return torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(2))
+
+
+def run_stage(stage: str, out, *arguments, scale: str = "smoke", params=REPO / "params.yaml") -> None:
+    """Runs one real stage entry point in this process (what Snakemake and DVC run as a command)."""
+    from selfperceptual.cli import main
+
+    code = main([stage, "--params", str(params), "--scale", scale, "--out", str(out), *map(str, arguments)])
+    assert code == 0, f"{stage} exited with {code}"
+
+
+@pytest.fixture(scope="session")
+def smoke_stages(tmp_path_factory):
+    """The smoke scale's stages up to the cached latents, run once for the tests that need them."""
+    runs = tmp_path_factory.mktemp("smoke_runs")
+    run_stage("corpus", runs / "corpus")
+    run_stage("filter", runs / "filter", "--corpus", runs / "corpus")
+    run_stage("download", runs / "download", "--filtered", runs / "filter", "--corpus", runs / "corpus")
+    run_stage("base", runs / "base", "--images", runs / "download")
+    run_stage("encode", runs / "encode", "--images", runs / "download", "--base", runs / "base")
+    return runs

@@ -8,6 +8,7 @@ import pytest
 import yaml
 from workspace import copy_repository, run
 
+from selfperceptual.config import SCALES, load_params
 from selfperceptual.dag import build_stages, render_dvc_yaml
 
 
@@ -15,8 +16,9 @@ def test_dvc_yaml_is_generated_from_the_dag(repo):
     assert (repo / "dvc.yaml").read_text() == render_dvc_yaml(), "run: python -m selfperceptual.dag --write dvc.yaml"
 
 
-def test_outputs_of_different_scales_never_overlap():
-    for stage in build_stages():
+@pytest.mark.parametrize("scale", SCALES)
+def test_outputs_of_different_scales_never_overlap(repo, scale):
+    for stage in build_stages(load_params(repo / "params.yaml", scale)[1]):
         assert stage.out.startswith("runs/{scale}/")
         assert all(dep.startswith("runs/{scale}/") or dep.startswith("workflow/") for dep in stage.deps)
 
@@ -103,7 +105,7 @@ def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
     params["paper"]["base"]["pretrained"] = str(weights)
     (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy)
-    for stage in build_stages():
+    for stage in build_stages(load_params(copy / "params.yaml", "paper")[1]):
         assert stage.name in result.stdout
     assert "runs/paper/report" in result.stdout
 

@@ -68,9 +68,10 @@ def test_download_stage_fetches_with_img2dataset_and_counts_failures(corpus, rep
     import json
 
     stats = json.loads((tmp_path / "download" / "stats.json").read_text())
-    samples = list(iter_samples(tmp_path / "download" / "shards"))
+    samples = list(iter_samples([tmp_path / "download"]))
     assert stats["count"] == len(kept)
     assert stats["successes"] == len(samples) and 0 < len(samples) < len(kept)
     assert stats["failed_to_download"] >= 1
     key, image, caption = samples[0]
+    assert key == f"{1:09d}"  # its row in kept.parquet: row 0 is the dead link
     assert image.size == (32, 32) and caption.startswith("a ")

@@ -1,9 +1,17 @@
-"""MLflow on SQLite: parallel jobs never fail on the database."""
+"""MLflow: parallel jobs on one SQLite file never fail on the database; a stage logs to an MLflow server."""
 
 import multiprocessing
 import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
 
 import mlflow
+import pytest
+from conftest import run_stage
 
 from selfperceptual import tracking
 
@@ -29,3 +37,46 @@ def test_parallel_jobs_share_one_sqlite_store(tmp_path, monkeypatch):
     assert len(history) == 50
     assert (tmp_path / "mlflow.db").is_file()
     assert os.environ[tracking.EXECUTION_ENV] == "test-execution"
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    """A real `mlflow server` on loopback (what jobs on several nodes share instead of SQLite)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    command = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+               "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination", str(tmp_path / "artifacts")]
+    server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                pass
+            assert server.poll() is None and time.monotonic() < deadline, "mlflow server did not start"
+            time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+
+
+@pytest.mark.slow
+def test_a_stage_logs_to_an_mlflow_server(mlflow_server, smoke_stages, tmp_path, monkeypatch):
+    runs = smoke_stages
+    run_stage("featnet", tmp_path / "featnet", "--corpus", runs / "corpus", "--set", "featnet.train_steps=5")
+    run_stage("sample", tmp_path / "sample", "--model", runs / "base", "--corpus", runs / "corpus", "--row", "sp_cfg3_r07_s25", "--set", "sample.num_images=8")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
+    monkeypatch.setenv(tracking.EXECUTION_ENV, "server-test")
+    monkeypatch.chdir(tmp_path)  # no SQLite file may appear: everything goes to the server
+    run_stage("evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample", "--featnet", tmp_path / "featnet", "--set", "sample.num_images=8")
+    client = mlflow.MlflowClient(mlflow_server)
+    (run,) = client.search_runs([client.get_experiment_by_name("self-perceptual-smoke").experiment_id])
+    assert run.data.tags["row"] == "sp_cfg3_r07_s25" and run.data.tags["pipeline_execution"] == "server-test"
+    assert run.data.metrics["fid"] > 0 and run.data.metrics["num_images"] == 8
+    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "images")] == ["images/samples.png"]
+    assert not (tmp_path / "mlflow.db").exists()

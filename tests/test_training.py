@@ -21,19 +21,19 @@ def _latent_folder(folder, count=12):
 def test_condition_dropout_and_uncond_feed_the_empty_caption(tmp_path):
     data = _latent_folder(tmp_path / "data")
     empty = data.empty[0]
-    _, context = data.batch(2000, 0.1, "text", torch.Generator().manual_seed(0))
+    _, context = data.batch([torch.Generator().manual_seed(0)] * 2000, 0.1, "text")
     dropped = (context == empty).flatten(1).all(1).float().mean().item()
     assert 0.07 < dropped < 0.13
-    _, context = data.batch(50, 0.0, "text", torch.Generator().manual_seed(0))
+    _, context = data.batch([torch.Generator().manual_seed(0)] * 50, 0.0, "text")
     assert not (context == empty).flatten(1).all(1).any()
-    _, context = data.batch(50, 0.0, "uncond", torch.Generator().manual_seed(0))
+    _, context = data.batch([torch.Generator().manual_seed(0)] * 50, 0.0, "uncond")
     assert (context == empty).all()
 
 
 def test_batches_are_reproducible_from_the_generator(tmp_path):
     data = _latent_folder(tmp_path / "data")
-    a = data.batch(4, 0.1, "text", torch.Generator().manual_seed(5))
-    b = data.batch(4, 0.1, "text", torch.Generator().manual_seed(5))
+    a = data.batch([torch.Generator().manual_seed(5)] * 4, 0.1, "text")
+    b = data.batch([torch.Generator().manual_seed(5)] * 4, 0.1, "text")
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import subprocess
 import sys
 from pathlib import Path
 
+from . import distributed
 from .config import ParamsError, load_params
 from .io import atomic_dir, write_json
 
@@ -49,6 +51,14 @@ def main(argv=None) -> int:
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
+    launcher = getattr(args.module, "launcher", None)
+    command = launcher(argv, config) if launcher else None
+    if command:  # e.g. train on a node with several GPUs: one process per GPU, through accelerate
+        logging.getLogger("cli").info("launching: %s", " ".join(command))
+        return subprocess.call(command)
+    if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
+        args.module.run(args, config, scale, None)
+        return 0
     with atomic_dir(args.out) as out:
         write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
         args.module.run(args, config, scale, out)

@@ -49,6 +49,7 @@ class FilterConfig(Section):
 
 class DownloadConfig(Section):
     resolution: int = Field(gt=0)
+    num_jobs: int = Field(1, gt=0)  # split into this many jobs (contiguous blocks of rows); same result
     processes: int = Field(gt=0)
     threads: int = Field(gt=0)
     shard_size: int = Field(gt=0)
@@ -99,6 +100,7 @@ class BaseModelConfig(Section):
 
 class EncodeConfig(Section):
     batch: int = Field(gt=0)
+    num_jobs: int = Field(1, gt=0)  # split into this many jobs (contiguous blocks of batches); same result
 
 
 class ScheduleConfig(Section):
@@ -122,7 +124,9 @@ class SelfPerceptualConfig(ObjectiveConfig):
 
 class TrainConfig(Section):
     seed: int = 0
-    global_batch: int = Field(gt=0)
+    global_batch: int = Field(gt=0)  # samples per optimiser step, whatever the number of GPUs
+    max_per_device_batch: int = Field(gt=0)  # memory cap: gradient accumulation makes up the rest
+    precision: Literal["fp32", "fp16", "bf16"]  # of the forward and backward passes (autocast); weights stay fp32
     ema_decay: float = Field(ge=0.0, lt=1.0)
     log_every_steps: int = Field(gt=0)
     mse: ObjectiveConfig
@@ -143,6 +147,7 @@ class FeatNetConfig(Section):
 class SampleConfig(Section):
     num_images: int = Field(gt=0)
     batch: int = Field(gt=0)
+    num_jobs: int = Field(1, gt=0)  # split each sampling row into this many jobs (blocks of batches); same images
     seed: int = 0
     eta: float = 0.0
 
@@ -154,6 +159,35 @@ class EvaluateConfig(Section):
 
 class ReportConfig(Section):
     grid_images: int = Field(gt=0)
+
+
+class JobResources(Section):
+    """What one job of a stage asks a cluster for (Snakemake's threads and resources)."""
+
+    cpus: int = Field(gt=0)
+    mem_mb: int = Field(gt=0)
+    runtime_min: int = Field(gt=0)
+    gpus: int = Field(0, ge=0)
+
+
+class ResourcesConfig(Section):
+    """Per stage command; a command not listed asks for ``default``."""
+
+    default: JobResources
+    corpus: JobResources | None = None
+    filter: JobResources | None = None
+    download: JobResources | None = None
+    base: JobResources | None = None
+    featnet: JobResources | None = None
+    encode: JobResources | None = None
+    train: JobResources | None = None
+    freeze: JobResources | None = None
+    sample: JobResources | None = None
+    evaluate: JobResources | None = None
+    report: JobResources | None = None
+
+    def of(self, command: str) -> JobResources:
+        return getattr(self, command) or self.default
 
 
 class ScaleConfig(Section):
@@ -168,6 +202,7 @@ class ScaleConfig(Section):
     sample: SampleConfig
     evaluate: EvaluateConfig
     report: ReportConfig
+    resources: ResourcesConfig
 
 
 class ParamsError(ValueError):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from .config import load_params
 from .experiments import FREEZES, SAMPLE_ROWS, TRAIN_RUNS
 
 PARAMS_FILE = "params.yaml"
@@ -26,10 +27,10 @@ PAPER_RESULTS = "workflow/paper_results.yaml"
 @dataclass(frozen=True)
 class Stage:
     name: str
-    args: str  # the command after ``python -m selfperceptual``
+    command: str  # the stage command of ``python -m selfperceptual`` (what params.yaml's resources are keyed by)
+    args: str  # what follows the command: input folders and options
     deps: tuple[str, ...]
     params: tuple[str, ...]  # keys inside the scale block
-    threads: int = 1  # what Snakemake gives the job (stages that mostly run alone take both cores)
 
     @property
     def out(self) -> str:
@@ -37,52 +38,67 @@ class Stage:
 
     @property
     def cmd(self) -> str:
-        return f"python -m selfperceptual {self.args} --params {PARAMS_FILE} --scale {{scale}} --out {self.out}"
+        args = f" {self.args}" if self.args else ""
+        return f"python -m selfperceptual {self.command}{args} --params {PARAMS_FILE} --scale {{scale}} --out {self.out}"
 
 
 def run_dir(stage: str) -> str:
     return f"runs/{{scale}}/{stage}"
 
 
-def _stage(name: str, command: str, inputs: dict[str, str], params: tuple[str, ...], extra: str = "", threads: int = 1) -> Stage:
-    """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>``."""
-    flags = " ".join(f"--{flag} {run_dir(source)}" for flag, source in inputs.items())
-    args = " ".join(part for part in (command, flags, extra) if part)
-    return Stage(name, args, tuple(run_dir(source) for source in inputs.values()), params, threads)
+def _stage(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str = "") -> Stage:
+    """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>`` (repeated)."""
+    flags = [f"--{flag} {run_dir(source)}" for flag, sources in inputs.items() for source in sources]
+    deps = tuple(run_dir(source) for sources in inputs.values() for source in sources)
+    return Stage(name, command, " ".join([*flags, *([extra] if extra else [])]), deps, params)
 
 
-def build_stages() -> list[Stage]:
+def _split(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str, num_jobs: int) -> list[Stage]:
+    """One stage, or ``num_jobs`` stages ``<name>_part<i>`` that each do a contiguous block of it."""
+    if num_jobs == 1:
+        return [_stage(name, command, inputs, params, extra)]
+    return [
+        _stage(f"{name}_part{i}", command, inputs, params, " ".join(filter(None, [extra, f"--part {i}/{num_jobs}"])))
+        for i in range(num_jobs)
+    ]
+
+
+def _names(stages: list[Stage]) -> list[str]:
+    return [stage.name for stage in stages]
+
+
+def build_stages(config) -> list[Stage]:
+    """Every stage of one scale (the scale's ``num_jobs`` settings decide how stages are split)."""
+    downloads = _split("download", "download", {"filtered": ["filter"], "corpus": ["corpus"]}, ("download",), "", config.download.num_jobs)
+    encodes = _split(
+        "encode", "encode", {"images": _names(downloads), "base": ["base"]}, ("encode",), "", config.encode.num_jobs
+    )
     stages = [
         _stage("corpus", "corpus", {}, ("corpus", "download.resolution")),
-        _stage("filter", "filter", {"corpus": "corpus"}, ("filter",)),
-        _stage("download", "download", {"filtered": "filter", "corpus": "corpus"}, ("download",)),
-        _stage("base", "base", {"images": "download"}, ("base", "schedule", "download.resolution"), threads=2),
-        _stage("featnet", "featnet", {"corpus": "corpus"}, ("featnet", "evaluate", "corpus.seed", "download.resolution")),
-        _stage("encode", "encode", {"images": "download", "base": "base"}, ("encode",), threads=2),
+        _stage("filter", "filter", {"corpus": ["corpus"]}, ("filter",)),
+        *downloads,
+        _stage("base", "base", {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
+        _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate", "corpus.seed", "download.resolution")),
+        *encodes,
     ]
+    train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
     for run in TRAIN_RUNS.values():
-        inputs = {"data": "encode", "init": run.init}
-        if run.perceptual:
-            inputs["perceptual"] = run.perceptual
-        params = ("train.seed", "train.global_batch", "train.ema_decay", "train.log_every_steps", f"train.{run.objective}", "schedule")
+        inputs = {"data": _names(encodes), "init": [run.init], **({"perceptual": [run.perceptual]} if run.perceptual else {})}
         extra = " ".join([f"--objective {run.objective} --conditioning {run.conditioning}", *(f"--set {s}" for s in run.settings)])
-        stages.append(_stage(run.name, "train", inputs, params, extra))
+        stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}"), extra))
     for name, source in FREEZES.items():
-        stages.append(_stage(name, "freeze", {"model": source}, ()))
+        stages.append(_stage(name, "freeze", {"model": [source]}, ()))
+    evaluations, samples = [], []
     for row in SAMPLE_ROWS.values():
-        stages.append(_stage(f"sample_{row.name}", "sample", {"model": row.model, "corpus": "corpus"}, ("sample",), f"--row {row.name}"))
-        stages.append(
-            _stage(f"evaluate_{row.name}", "evaluate", {"samples": f"sample_{row.name}", "featnet": "featnet"}, ("evaluate",))
+        parts = _split(
+            f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
         )
-    evaluations = [run_dir(f"evaluate_{row}") for row in SAMPLE_ROWS]
-    samples = [run_dir(f"sample_{row}") for row in SAMPLE_ROWS]
-    report_args = " ".join(
-        ["report"]
-        + [f"--evaluation {path}" for path in evaluations]
-        + [f"--samples {path}" for path in samples]
-        + [f"--featnet {run_dir('featnet')}", f"--paper-results {PAPER_RESULTS}"]
-    )
-    stages.append(Stage("report", report_args, (*evaluations, *samples, run_dir("featnet"), PAPER_RESULTS), ("report",)))
+        evaluation = _stage(f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"]}, ("evaluate",))
+        stages += [*parts, evaluation]
+        evaluations.append(evaluation.name)
+        samples += _names(parts)
+    report = _stage("report", "report", {"evaluation": evaluations, "samples": samples, "featnet": ["featnet"]}, ("report",), f"--paper-results {PAPER_RESULTS}")
+    stages.append(Stage(report.name, report.command, report.args, (*report.deps, PAPER_RESULTS), report.params))
     return stages
 
 
@@ -138,11 +154,15 @@ def dvc_yaml(stages: list[Stage]) -> dict:
     }
 
 
-HEADER = "# Generated by `python -m selfperceptual.dag --write dvc.yaml` from src/selfperceptual/dag.py. Do not edit.\n"
-
-
-def render_dvc_yaml() -> str:
-    return HEADER + yaml.safe_dump(dvc_yaml(build_stages()), sort_keys=False, width=1000)
+def render_dvc_yaml(params_file: str | Path = PARAMS_FILE) -> str:
+    """dvc.yaml for the scale params.yaml names (its ``num_jobs`` settings decide the stage split;
+    other scales with the same settings run from the same file, ``dvc exp run -S scale=...``)."""
+    scale, config = load_params(params_file)
+    header = (
+        "# Generated by `make generate` (python -m selfperceptual.dag --write dvc.yaml) from src/selfperceptual/dag.py\n"
+        f"# and the num_jobs settings of params.yaml's scale ({scale}). Do not edit.\n"
+    )
+    return header + yaml.safe_dump(dvc_yaml(build_stages(config)), sort_keys=False, width=1000)
 
 
 def main(argv=None) -> int:

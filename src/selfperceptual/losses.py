@@ -1,6 +1,7 @@
 """Training objectives as small callables: ``loss(denoiser, x0, context, ...) -> (per_sample, logs)``.
 
-The caller may pass the randomness (eps, t, t') so tests can pin it; otherwise it is drawn here.
+The caller may pass the randomness (eps, t, t') so tests can pin it and the training loop can draw
+it per sample (``draw``); otherwise it is drawn here.
 ``MSELoss`` is Eq. 4; ``SelfPerceptualLoss`` is Eq. 5-11 and Algorithm 1 (and Eq. 13-16 for sp2).
 """
 
@@ -40,15 +41,38 @@ T_PRIME_SAMPLERS = {
 }
 
 
+def _per_sample(generators, draw) -> torch.Tensor:
+    return torch.stack([draw(generator) for generator in generators])
+
+
+def _generators(generators, generator, count: int) -> list:
+    return generators if generators is not None else [generator] * count
+
+
+def draw_noise(schedule: Schedule, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
+    """eps and t for each sample of x0, each from its own generator (Algorithm 1 l. 18-19)."""
+    return {
+        "eps": _per_sample(generators, lambda g: torch.randn(x0.shape[1:], generator=g, dtype=x0.dtype)).to(x0.device),
+        "t": _per_sample(generators, lambda g: schedule.sample_timesteps(1, g)[0]).to(x0.device),
+    }
+
+
 class MSELoss:
     """Eq. 4: || v_hat - v ||^2 per sample."""
 
     def __init__(self, schedule: Schedule):
         self.schedule = schedule
 
-    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None):
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if eps is None else eps
-        t = self.schedule.sample_timesteps(len(x0), generator, x0.device) if t is None else t
+    def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
+        return draw_noise(self.schedule, x0, generators)
+
+    def to(self, device) -> "MSELoss":
+        return self
+
+    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
+        if eps is None or t is None:
+            drawn = self.draw(x0, _generators(generators, generator, len(x0)))
+            eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
         x_t = self.schedule.add_noise(x0, eps, t)
         v_hat = denoiser(x_t, t, context)
         per_sample = DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float())
@@ -71,23 +95,34 @@ class SelfPerceptualLoss:
         self.t_prime_sampler = T_PRIME_SAMPLERS[t_prime]
         self.formulation = formulation
 
+    def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
+        """eps, t and t' for each sample, each from its own generator (Algorithm 1 l. 18-19, 32)."""
+        drawn = draw_noise(self.schedule, x0, generators)
+        t_cpu = drawn["t"].cpu()
+        t_prime = [self.t_prime_sampler(t_cpu[i : i + 1], self.schedule.num_train_timesteps, g)[0] for i, g in enumerate(generators)]
+        return {**drawn, "t_prime": torch.stack(t_prime).to(x0.device)}
+
+    def to(self, device) -> "SelfPerceptualLoss":
+        self.perceptual.to(device)
+        return self
+
     def _feature_distance(self, x_pred, x_real_features, t_prime, context):
         pred_features = self.perceptual.features(x_pred, t_prime, context)
         return sum(self.distance(p.float(), r.float()) for p, r in zip(pred_features, x_real_features))
 
-    def __call__(self, denoiser, x0, context, eps=None, t=None, t_prime=None, generator=None):
+    def __call__(self, denoiser, x0, context, eps=None, t=None, t_prime=None, generator=None, generators=None):
         schedule = self.schedule
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype) if eps is None else eps
-        t = schedule.sample_timesteps(len(x0), generator, x0.device) if t is None else t
+        if eps is None or t is None or t_prime is None:
+            drawn = self.draw(x0, _generators(generators, generator, len(x0)))
+            eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
+            t_prime = drawn["t_prime"] if t_prime is None else t_prime
         # Eq. 5-8: predict v at t and convert it to x0_hat and eps_hat.
         x_t = schedule.add_noise(x0, eps, t)
         v_hat = denoiser(x_t, t, context)
         x0_hat = schedule.x0_from_v(x_t, v_hat, t)
         eps_hat = schedule.eps_from_v(x_t, v_hat, t)
-        # A new t', drawn independently of t (Algorithm 1 l. 32; Table 3 for the other rules).
-        if t_prime is None:
-            t_prime = self.t_prime_sampler(t, schedule.num_train_timesteps, generator)
-        # Eq. 9: the real branch needs no graph.
+        # t' was drawn anew, independently of t for the paper's rule (Algorithm 1 l. 32; Table 3
+        # for the other rules). Eq. 9: the real branch needs no graph.
         with torch.no_grad():
             real_features = self.perceptual.features(schedule.add_noise(x0, eps, t_prime), t_prime, context)
         if self.formulation == "sp":

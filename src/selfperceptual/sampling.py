@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from PIL import Image
+
+from .io import read_json
 
 
 def generate(pipeline, prompts: list[str], seeds: list[int], steps: int, cfg: float | None, rescale: float | None, eta: float = 0.0) -> list[Image.Image]:
@@ -29,3 +33,17 @@ def grid(columns: list[list[Image.Image]], pad: int = 2) -> Image.Image:
         for r, image in enumerate(column):
             canvas.paste(image, (pad + c * (width + pad), pad + r * (height + pad)))
     return canvas
+
+
+def sample_images(folders: list[Path]) -> tuple[dict, list[Path]]:
+    """A sampling row's samples.json and its images in order, from all its parts; an error if
+    the parts are not all of one row or leave images out."""
+    parts = [read_json(folder / "samples.json") for folder in folders]
+    rows = {part["row"] for part in parts}
+    if len(rows) != 1:
+        raise SystemExit(f"these sample folders hold different rows {sorted(rows)}: {', '.join(map(str, folders))}")
+    paths = sorted((path for folder in folders for path in (folder / "images").glob("*.png")), key=lambda path: path.name)
+    expected = len(parts[0]["prompts"])
+    if [path.name for path in paths] != [f"{position:05d}.png" for position in range(expected)]:
+        raise SystemExit(f"row {rows.pop()}: {len(paths)} of {expected} images in {', '.join(map(str, folders))}; a part is missing")
+    return parts[0], paths

@@ -29,6 +29,7 @@ class Schedule:
         self.betas = betas.to(torch.float64)
         self.alpha_bar = torch.cumprod(1.0 - self.betas, dim=0)  # last beta is 1: alpha_bar[-1] == 0
         self.num_train_timesteps = len(betas)
+        self._alpha_bar_on: dict[torch.device, torch.Tensor] = {}  # copies on the devices in use
 
     @classmethod
     def zero_snr(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000) -> "Schedule":
@@ -55,7 +56,9 @@ class Schedule:
         return torch.randint(0, self.num_train_timesteps, (batch,), generator=generator, device=device)
 
     def _coefficients(self, t: torch.Tensor, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        alpha_bar = self.alpha_bar.to(like.device)[t.long()]
+        if like.device not in self._alpha_bar_on:
+            self._alpha_bar_on[like.device] = self.alpha_bar.to(like.device)
+        alpha_bar = self._alpha_bar_on[like.device][t.long()]
         shape = (-1,) + (1,) * (like.ndim - 1)
         signal = alpha_bar.sqrt().to(like.dtype).reshape(shape)
         noise = (1.0 - alpha_bar).sqrt().to(like.dtype).reshape(shape)

@@ -1,5 +1,6 @@
 # One rule per stage of src/selfperceptual/dag.py (the description dvc.yaml is generated from).
-# STAGES and SCALE come from the Snakefile; `config` is params.yaml as Snakemake read it.
+# STAGES, SCALE, CONFIG and CLUSTER come from the Snakefile; `config` is params.yaml as Snakemake
+# read it. Threads and cluster resources come from params.yaml's `resources` block of the scale.
 
 
 for stage in STAGES:
@@ -13,7 +14,9 @@ for stage in STAGES:
             directory(at_scale(stage.out)),
         benchmark:
             at_scale(f"runs/{{scale}}/benchmarks/{stage.name}.tsv")
-        threads: stage.threads  # Snakemake sets OMP_NUM_THREADS from this
+        threads: CONFIG.resources.of(stage.command).cpus  # Snakemake sets OMP_NUM_THREADS from this
+        resources:
+            **rule_resources(CONFIG.resources.of(stage.command), CLUSTER),
         params:
             # The command goes through params: `shell:` is evaluated when the job runs, after
             # this loop has moved on, while params are bound now.

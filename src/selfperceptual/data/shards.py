@@ -1,8 +1,14 @@
-"""Reading the webdataset shards that img2dataset writes (``NNNNN.tar`` of jpg + txt + json)."""
+"""Reading the webdataset shards that img2dataset writes (``NNNNN.tar`` of jpg + txt + json).
+
+A download may be split into several jobs; their folders, read in order, are one dataset. Each
+sample's key is its row in the filter's ``kept.parquet`` (the ``ROW`` column the download stage
+saves), so keys do not depend on the split.
+"""
 
 from __future__ import annotations
 
 import io
+import json
 import tarfile
 from pathlib import Path
 
@@ -11,21 +17,35 @@ import torch
 from PIL import Image
 
 
-def iter_samples(shard_dir: str | Path):
-    """Yields (key, PIL image, caption) in shard and member order (deterministic)."""
-    for shard in sorted(Path(shard_dir).glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            members = {}
-            for member in tar.getmembers():
-                key, _, ext = member.name.partition(".")
-                members.setdefault(key, {})[ext] = member
-            for key in sorted(members):
-                parts = members[key]
-                if "jpg" not in parts or "txt" not in parts:
-                    continue
-                image = Image.open(io.BytesIO(tar.extractfile(parts["jpg"]).read())).convert("RGB")
-                caption = tar.extractfile(parts["txt"]).read().decode()
-                yield key, image, caption
+def _shard_members(folders):
+    """(tar file, {extension: member}) of every complete sample, in dataset order."""
+    for folder in folders:
+        for shard in sorted((Path(folder) / "shards").glob("*.tar")):
+            with tarfile.open(shard) as tar:
+                members: dict[str, dict] = {}
+                for member in tar.getmembers():
+                    key, _, ext = member.name.partition(".")
+                    members.setdefault(key, {})[ext] = member
+                for key in sorted(members):
+                    if "jpg" in members[key] and "txt" in members[key]:
+                        yield tar, key, members[key]
+
+
+def count_samples(folders) -> int:
+    return sum(1 for _ in _shard_members(folders))
+
+
+def iter_samples(folders, start: int = 0, stop: int | None = None):
+    """Yields (key, PIL image, caption) of samples [start, stop) of the download folders, in order."""
+    for position, (tar, key, parts) in enumerate(_shard_members(folders)):
+        if stop is not None and position >= stop:
+            return
+        if position < start:
+            continue
+        meta = json.loads(tar.extractfile(parts["json"]).read()) if "json" in parts else {}
+        image = Image.open(io.BytesIO(tar.extractfile(parts["jpg"]).read())).convert("RGB")
+        caption = tar.extractfile(parts["txt"]).read().decode()
+        yield (f"{meta['ROW']:09d}" if "ROW" in meta else key), image, caption
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

@@ -30,7 +30,7 @@ log = logging.getLogger("base")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--images", type=Path, required=True, help="the download stage's folder")
+    parser.add_argument("--images", type=Path, action="append", required=True, help="a download stage's folder (repeat for each part)")
 
 
 def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
@@ -62,10 +62,10 @@ def latent_scaling_factor(vae, images: torch.Tensor) -> float:
     return float(1.0 / means.std())
 
 
-def build_tiny(config, resolution: int, images_dir: Path) -> dict:
-    samples = list(iter_samples(images_dir / "shards"))
+def build_tiny(config, resolution: int, images_dirs: list[Path]) -> dict:
+    samples = list(iter_samples(images_dirs))
     if not samples:
-        raise SystemExit(f"base: no images in {images_dir / 'shards'}")
+        raise SystemExit(f"base: no images in {', '.join(map(str, images_dirs))}")
     captions = [caption for _, _, caption in samples]
     images = to_tensor([image for _, image, _ in samples])
     tokenizer = build_tokenizer(captions, config.text.max_length)

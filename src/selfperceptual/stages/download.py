@@ -1,4 +1,8 @@
-"""download: img2dataset fetches the kept rows into webdataset shards at the training resolution."""
+"""download: img2dataset fetches the kept rows into webdataset shards at the training resolution.
+
+With ``download.num_jobs`` > 1 the DAG runs one job per contiguous block of rows (``--part I/N``);
+each sample keeps its row number (``ROW``), so later stages see the same dataset whatever the split.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 
 from ..io import write_json
+from ..split import add_part_argument, block, checked_part
 
 log = logging.getLogger("download")
 
@@ -18,6 +23,7 @@ log = logging.getLogger("download")
 def add_arguments(parser) -> None:
     parser.add_argument("--filtered", type=Path, required=True, help="the filter stage's folder")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (base of relative URLs)")
+    add_part_argument(parser, "the kept rows")
 
 
 def resolve_urls(urls: pd.Series, base: Path) -> pd.Series:
@@ -47,7 +53,12 @@ def run(args, config, scale, out) -> None:
 
     settings = config.download
     shards = out / "shards"
+    index, count = checked_part(args.part, settings.num_jobs, "download.num_jobs")
     rows = pd.read_parquet(args.filtered / "kept.parquet")
+    rows["ROW"] = range(len(rows))  # a sample's identity, whatever the split
+    rows = rows.iloc[block(len(rows), index, count)].copy()
+    if rows.empty:
+        raise SystemExit(f"download: part {index}/{count} of {args.filtered / 'kept.parquet'} has no rows; lower download.num_jobs")
     rows["URL"] = resolve_urls(rows["URL"], args.corpus)
     url_list = out / "urls.parquet"
     rows.to_parquet(url_list, index=False)
@@ -56,7 +67,7 @@ def run(args, config, scale, out) -> None:
         input_format="parquet",
         url_col="URL",
         caption_col="TEXT",
-        save_additional_columns=["AESTHETIC_SCORE", "WIDTH", "HEIGHT"],
+        save_additional_columns=["ROW", "AESTHETIC_SCORE", "WIDTH", "HEIGHT"],
         output_format="webdataset",
         output_folder=str(shards),
         image_size=settings.resolution,
@@ -71,7 +82,7 @@ def run(args, config, scale, out) -> None:
         distributor="multiprocessing",
     )
     stats = _shard_stats(shards)
-    write_json(out / "stats.json", stats)
-    log.info("download: %d of %d fetched; failures: %s", stats["successes"], stats["count"], stats["errors"])
+    write_json(out / "stats.json", {"part": [index, count], "rows": [int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1], **stats})
+    log.info("download %d/%d: %d of %d fetched; failures: %s", index, count, stats["successes"], stats["count"], stats["errors"])
     if stats["successes"] == 0:
         raise SystemExit(f"download: no image could be fetched ({stats['errors']})")

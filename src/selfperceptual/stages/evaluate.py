@@ -11,24 +11,21 @@ from safetensors.torch import load_file
 from .. import tracking
 from ..evaluation import extract, frechet_distance, gaussian_stats, inception_score, load_extractor
 from ..experiments import ABLATION_RUNS, SAMPLE_ROWS, TRAIN_RUNS
-from ..io import read_json, write_json
-from ..sampling import grid
+from ..io import write_json
+from ..sampling import grid, sample_images
 
 log = logging.getLogger("evaluate")
 GRID_IMAGES = 16
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--samples", type=Path, required=True, help="a sample stage's folder")
+    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat for each part)")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
 
 
 def run(args, config, scale, out) -> None:
-    sampled = read_json(args.samples / "samples.json")
+    sampled, paths = sample_images(args.samples)
     row = SAMPLE_ROWS[sampled["row"]]
-    paths = sorted((args.samples / "images").glob("*.png"))
-    if not paths:
-        raise SystemExit(f"evaluate: no images in {args.samples / 'images'}")
     images = [Image.open(path).convert("RGB") for path in paths]
     features, logits = extract(load_extractor(args.featnet), images, config.evaluate.batch)
     fid = frechet_distance(gaussian_stats(features), load_file(args.featnet / "reference.safetensors"))

@@ -11,14 +11,14 @@ from PIL import Image
 
 from ..experiments import GRIDS, TABLES
 from ..io import read_json, write_json
-from ..sampling import grid
+from ..sampling import grid, sample_images
 
 log = logging.getLogger("report")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--evaluation", type=Path, action="append", required=True, help="an evaluate stage's folder (repeat)")
-    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat)")
+    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat, parts included)")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
 
@@ -67,11 +67,11 @@ def html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def make_grids(samples: dict[str, Path], count: int, out: Path) -> dict[str, str]:
+def make_grids(samples: dict[str, list[Path]], count: int, out: Path) -> dict[str, str]:
     """Same seeds, same captions, one column per row of GRIDS; returns file name -> caption."""
     made = {}
     for name, columns in GRIDS.items():
-        images = [[Image.open(samples[row] / "images" / f"{i:05d}.png") for i in range(count)] for row in columns]
+        images = [[Image.open(path) for path in samples[row][:count]] for row in columns]
         file_name = f"grid_{name}.png"
         grid(images).save(out / file_name)
         made[file_name] = " | ".join(columns)
@@ -81,7 +81,10 @@ def make_grids(samples: dict[str, Path], count: int, out: Path) -> dict[str, str
 def run(args, config, scale, out) -> None:
     paper = yaml.safe_load(args.paper_results.read_text())
     metrics = {m["row"]: m for m in (read_json(folder / "metrics.json") for folder in args.evaluation)}
-    samples = {read_json(folder / "samples.json")["row"]: folder for folder in args.samples}
+    parts_of_row: dict[str, list[Path]] = {}
+    for folder in args.samples:
+        parts_of_row.setdefault(read_json(folder / "samples.json")["row"], []).append(folder)
+    samples = {row: sample_images(folders)[1] for row, folders in parts_of_row.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
     count = min(config.report.grid_images, config.sample.num_images)

@@ -1,4 +1,8 @@
-"""sample: deterministic DDIM from t = T over the held-out captions, one seed per image."""
+"""sample: deterministic DDIM from t = T over the held-out captions, one seed per image.
+
+With ``sample.num_jobs`` > 1 each job samples a block of whole batches (``--part I/N``); the
+images are the same whatever the split.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +16,7 @@ from ..experiments import SAMPLE_ROWS
 from ..io import write_json
 from ..models import load_pipeline
 from ..sampling import generate
+from ..split import add_part_argument, batch_block, checked_part
 
 log = logging.getLogger("sample")
 
@@ -20,23 +25,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="folder whose pipeline/ samples")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (eval captions)")
     parser.add_argument("--row", choices=sorted(SAMPLE_ROWS), required=True, help="the sampling row (steps, CFG, rescale)")
+    add_part_argument(parser, "the images (in blocks of sample.batch)")
 
 
 def run(args, config, scale, out) -> None:
     settings, row = config.sample, SAMPLE_ROWS[args.row]
+    index, count = checked_part(args.part, settings.num_jobs, "sample.num_jobs")
     captions = pd.read_parquet(args.corpus / "eval.parquet")["caption"].tolist()[: settings.num_images]
     prompts = captions if row.conditioning == "text" else [""] * len(captions)
-    seeds = [settings.seed + index for index in range(len(prompts))]
+    seeds = [settings.seed + position for position in range(len(prompts))]
+    todo = batch_block(len(prompts), settings.batch, index, count)
     pipeline = load_pipeline(args.model / "pipeline")
     pipeline.set_progress_bar_config(disable=True)
     (out / "images").mkdir()
-    for start in tqdm(range(0, len(prompts), settings.batch), desc="sample", mininterval=5):
-        batch = slice(start, start + settings.batch)
+    for start in tqdm(range(todo.start, todo.stop, settings.batch), desc="sample", mininterval=5):
+        batch = slice(start, min(start + settings.batch, todo.stop))
         images = generate(pipeline, prompts[batch], seeds[batch], row.steps, row.cfg, row.rescale, settings.eta)
         for offset, image in enumerate(images):
             image.save(out / "images" / f"{start + offset:05d}.png")
     write_json(
         out / "samples.json",
-        {"row": row.name, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg, "rescale": row.rescale, "conditioning": row.conditioning},
+        {"row": row.name, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
+         "rescale": row.rescale, "conditioning": row.conditioning, "part": [index, count], "images": [todo.start, todo.stop]},
     )
-    log.info("sample: %d images, %d steps, cfg %s, rescale %s", len(prompts), row.steps, row.cfg, row.rescale)
+    log.info("sample %d/%d: images %d-%d of %d, %d steps, cfg %s, rescale %s", index, count, todo.start, todo.stop, len(prompts), row.steps, row.cfg, row.rescale)

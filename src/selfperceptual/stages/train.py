@@ -5,7 +5,10 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import torch
+
 from .. import tracking
+from ..distributed import launch_command
 from ..io import read_json, write_json
 from ..models import load_pipeline, load_unet, save_with_unet
 from ..sampling import generate, grid
@@ -17,7 +20,7 @@ PREVIEW_IMAGES = 8
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--data", type=Path, required=True, help="the encode stage's folder")
+    parser.add_argument("--data", type=Path, action="append", required=True, help="an encode stage's folder (repeat for each part, in order)")
     parser.add_argument("--init", type=Path, required=True, help="folder whose pipeline/ is the starting model")
     parser.add_argument("--perceptual", type=Path, help="a freeze stage's folder (sp only)")
     parser.add_argument("--objective", choices=("mse", "sp"), required=True)
@@ -32,7 +35,13 @@ def sp_tags(objective: str, sp, perceptual: Path | None) -> dict:
     return {"sp_layer": sp.layer, "sp_t_prime": sp.t_prime, "sp_distance": sp.distance, "sp_formulation": sp.formulation, "perceptual_network": source}
 
 
+def launcher(argv: list[str], config) -> list[str] | None:
+    """``accelerate launch`` over every GPU this job was given (SLURM's --gpus sets what CUDA sees)."""
+    return launch_command(argv, torch.cuda.device_count(), config.train.precision)
+
+
 def run(args, config, scale, out) -> None:
+    """``out`` is None on the processes of a multi-GPU launch other than the first: they train, the first writes."""
     schedule = Schedule.from_config(config.schedule)
     loss_fn, objective_config = build_loss(args.objective, config.train, schedule, args.perceptual)
     data = LatentData(args.data)
@@ -41,6 +50,8 @@ def run(args, config, scale, out) -> None:
     ema, history, seconds_per_step = train(
         unet, data, loss_fn, objective_config, config.train, args.conditioning, schedule.num_train_timesteps
     )
+    if out is None:
+        return
     save_with_unet(args.init / "pipeline", ema, out / "pipeline")
 
     prompts = data.captions[:PREVIEW_IMAGES] if args.conditioning == "text" else [""] * PREVIEW_IMAGES

@@ -1,0 +1,139 @@
+"""A real one-node SLURM cluster on localhost for the tests: Debian's slurm-wlm and munge.
+
+``one_node_cluster(folder)`` installs the packages if they are missing (apt-get, as root), starts
+munged, slurmctld and slurmd with every file of theirs under ``folder`` and private ports, yields
+the environment that points SLURM's commands at it (``SLURM_CONF``), and stops the daemons after.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ("slurm-wlm", "munge")
+DAEMONS = ("slurmctld", "slurmd", "munged")
+
+
+class SlurmUnavailable(RuntimeError):
+    """This machine cannot run SLURM (no apt-get, not root, or the install failed)."""
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(name) or Path(f"/usr/sbin/{name}").exists() for name in DAEMONS):
+        return
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise SlurmUnavailable("slurm-wlm and munge are not installed, and installing them needs root and apt-get")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        if result.returncode != 0:
+            raise SlurmUnavailable(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("127.0.0.1", 0))
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _daemon(name: str) -> str:
+    return shutil.which(name) or f"/usr/sbin/{name}"
+
+
+def slurm_conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int) -> str:
+    """The verified recipe of shared/DESIGN.md, with every path and port private to ``folder``."""
+    ctld_port, node_port = _free_ports(2)
+    (folder / "state").mkdir(exist_ok=True)
+    (folder / "spool").mkdir(exist_ok=True)
+    return "\n".join(
+        [
+            "ClusterName=sptest",
+            "SlurmctldHost=localhost",
+            "SlurmUser=root",
+            f"SlurmctldPort={ctld_port}",
+            f"SlurmdPort={node_port}",
+            f"AuthInfo=socket={munge_socket}",
+            "ProctrackType=proctrack/linuxproc",
+            "TaskPlugin=task/none",
+            "SelectType=select/cons_tres",
+            "SelectTypeParameters=CR_Core_Memory",
+            "AccountingStorageType=accounting_storage/none",
+            "JobAcctGatherType=jobacct_gather/none",
+            "MpiDefault=none",
+            "ReturnToService=2",
+            "MinJobAge=0",  # keep every finished job on record: the tests read them back
+            "SchedulerParameters=sched_interval=1",
+            f"StateSaveLocation={folder / 'state'}",
+            f"SlurmdSpoolDir={folder / 'spool'}",
+            f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
+            f"SlurmdPidFile={folder / 'slurmd.pid'}",
+            f"SlurmctldLogFile={folder / 'slurmctld.log'}",
+            f"SlurmdLogFile={folder / 'slurmd.log'}",
+            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
+            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
+            "PartitionName=work Nodes=localhost Default=NO MaxTime=INFINITE State=UP",  # what a user's cluster.yaml names
+            "",
+        ]
+    )
+
+
+def _memory_mb() -> int:
+    with open("/proc/meminfo") as handle:
+        total_kb = int(next(line for line in handle if line.startswith("MemTotal")).split()[1])
+    return int(total_kb / 1024 * 0.8)
+
+
+@contextlib.contextmanager
+def one_node_cluster(folder: Path):
+    """Yields the environment (SLURM_CONF and the rest of os.environ) of a running cluster."""
+    ensure_installed()
+    folder.mkdir(parents=True, exist_ok=True)
+    munge_socket = folder / "munge.socket"
+    conf = folder / "slurm.conf"
+    conf.write_text(slurm_conf(folder, munge_socket, os.cpu_count() or 1, _memory_mb()))
+    env = {**os.environ, "SLURM_CONF": str(conf)}
+    processes = []
+    munged = [
+        _daemon("munged"), "--force", f"--socket={munge_socket}", f"--pid-file={folder / 'munged.pid'}",
+        f"--log-file={folder / 'munged.log'}", f"--seed-file={folder / 'munged.seed'}",
+    ]
+    if not Path("/etc/munge/munge.key").exists():
+        subprocess.run([_daemon("mungekey"), "--create"], check=True)
+    try:
+        subprocess.run(munged, check=True, capture_output=True, text=True)
+        for command in ([_daemon("slurmctld"), "-D", "-i", "-f", str(conf)], [_daemon("slurmd"), "-D", "-N", "localhost", "-f", str(conf)]):
+            log = open(folder / f"{Path(command[0]).name}.out", "w")
+            processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        _wait_until_idle(env, folder)
+        yield env
+    finally:
+        for process in processes:
+            process.terminate()
+        for process in processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=20)
+            if process.poll() is None:
+                process.kill()
+        subprocess.run([_daemon("munged"), "--stop", f"--socket={munge_socket}"], capture_output=True)
+
+
+def _wait_until_idle(env: dict, folder: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    state = ""
+    while time.monotonic() < deadline:
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+        state = result.stdout.strip()
+        if state and set(state.split()) == {"idle"}:  # one line per partition
+            return
+        time.sleep(1)
+    logs = "\n".join(f"{p.name}:\n{p.read_text()[-1500:]}" for p in sorted(folder.glob("*.log")) + sorted(folder.glob("*.out")))
+    raise RuntimeError(f"the SLURM node did not become idle in {timeout_s:.0f} s (state {state!r})\n{logs}")

@@ -1,0 +1,59 @@
+"""What a finished smoke-scale run must hold, whichever tool ran it (Snakemake, DVC, SLURM)."""
+
+import json
+
+import mlflow
+
+from selfperceptual.config import load_params
+from selfperceptual.dag import build_stages
+from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
+
+
+def _runs(copy):
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
+
+
+def check_outputs_and_runs(copy):
+    """Every stage wrote its folder; the report and the MLflow runs are complete and tagged."""
+    runs_dir = copy / "runs" / "smoke"
+    for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1]):
+        folder = runs_dir / stage.name
+        assert folder.is_dir(), f"{stage.name} wrote nothing"
+        assert json.loads((folder / "params.json").read_text())["scale"] == "smoke"
+    assert not list(runs_dir.glob(".*partial"))
+    for run_name in TRAIN_RUNS:
+        assert (runs_dir / run_name / "pipeline" / "model_index.json").is_file()
+    assert len(list((runs_dir / "sample_mse_s25" / "images").glob("*.png"))) == 24
+
+    report = (runs_dir / "report" / "report.md").read_text()
+    assert all(f"Table {number}:" in report for number in range(1, 9))
+    assert "32.68" in report and "25.89" in report and "11.18" in report and "42.42" in report  # the paper's numbers beside ours
+    results = json.loads((runs_dir / "report" / "results.json").read_text())
+    assert set(results["metrics"]) == set(SAMPLE_ROWS)
+    assert all(m["fid"] > 0 and m["is"] >= 1 for m in results["metrics"].values())
+    assert (runs_dir / "report" / "grid_text.png").is_file() and (runs_dir / "report" / "report.html").is_file()
+
+    runs = _runs(copy)
+    assert len(runs) == len(TRAIN_RUNS) + len(SAMPLE_ROWS)
+    assert runs["tags.pipeline_execution"].nunique() == 1
+    evaluations = runs[runs["tags.kind"] == "evaluate"].set_index("tags.row")
+    assert set(evaluations.index) == set(SAMPLE_ROWS)
+    row = evaluations.loc["mse_cfg75_r07_s25"]
+    assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
+    assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
+    assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)]
+    assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "layer_decoder")
+    assert evaluations["metrics.fid"].notna().all() and evaluations["metrics.is"].notna().all()
+    trains = runs[runs["tags.kind"] == "train"]
+    assert set(trains["tags.objective"]) == {"mse", "sp"}
+    by_stage = trains.set_index("tags.stage")
+    assert by_stage.loc["train_sp_layer_decoder", "tags.sp_layer"] == "decoder"
+    assert by_stage.loc["train_sp_distance_mae", "tags.sp_distance"] == "mae"
+    assert by_stage.loc["train_sp_round2", "tags.perceptual_network"] == "train_sp"
+    assert by_stage.loc["train_sp", "tags.perceptual_network"] == "train_mse"
+    assert json.loads((runs_dir / "train_sp_tprime_near40" / "params.json").read_text())["train"]["sp"]["t_prime"] == "near40"
+    history = mlflow.MlflowClient().get_metric_history(trains.iloc[0]["run_id"], "loss")
+    assert len(history) >= 2
+    artifacts = mlflow.MlflowClient().list_artifacts(trains.iloc[0]["run_id"], "images")
+    assert artifacts and artifacts[0].path.endswith(".png")

@@ -1,0 +1,92 @@
+"""Training on several processes: the launch command, the batch plan, and the same result for any split."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import run_stage
+from test_training import _latent_folder
+from workspace import environment
+
+from selfperceptual.distributed import BatchPlan, launch_command
+from selfperceptual.losses import SelfPerceptualLoss
+from selfperceptual.models import load_unet
+from selfperceptual.schedule import Schedule
+from selfperceptual.training import train
+from selfperceptual.unet import PerceptualNetwork
+
+
+def assert_same_updates(start, one, two):
+    """Two trainings from ``start`` moved the weights alike. Adam divides by the gradient's
+    magnitude, so float-sum noise in a near-zero gradient can show as a part of a step in a few
+    weights: the differences are compared with how far the weights moved, on average and at most."""
+    moved = torch.cat([(one[k] - start[k]).abs().flatten() for k in start])
+    differs = torch.cat([(one[k] - two[k]).abs().flatten() for k in start])
+    assert moved.mean() > 1e-5, "training did not move the weights"
+    assert differs.mean() < 1e-4 * moved.mean() and differs.max() < 0.1 * moved.max(), (
+        f"moved {moved.mean():.3g} on average, {moved.max():.3g} at most; the runs differ by {differs.mean():.3g}, {differs.max():.3g}"
+    )
+
+
+def test_batch_plan_keeps_the_global_batch():
+    paper = BatchPlan.derive(896, 8, 32)
+    assert (paper.per_device, paper.accumulation) == (28, 4)
+    assert paper.per_device * paper.accumulation * paper.num_processes == 896
+    assert (BatchPlan.derive(48, 1, 48).per_device, BatchPlan.derive(48, 1, 48).accumulation) == (48, 1)
+    assert (BatchPlan.derive(48, 1, 20).per_device, BatchPlan.derive(48, 1, 20).accumulation) == (16, 3)
+    assert (BatchPlan.derive(896, 4, 32).per_device, BatchPlan.derive(896, 4, 32).accumulation) == (32, 7)
+    plan = BatchPlan.derive(12, 2, 3)
+    assert [plan.samples_of(rank) for rank in range(2)] == [range(0, 6), range(6, 12)]
+    assert plan.micro_batches() == [slice(0, 3), slice(3, 6)]
+    with pytest.raises(ValueError, match="train.global_batch"):
+        BatchPlan.derive(10, 4, 32)
+
+
+def test_launch_command_uses_every_allocated_gpu(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    argv = ["train", "--data", "runs/paper/encode_part0", "--objective", "mse"]
+    command = launch_command(argv, 8, "bf16")
+    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
+    assert "--multi_gpu" in command and "--num_processes=8" in command and "--mixed_precision=bf16" in command
+    assert command[-len(argv) - 2 :] == ["-m", "selfperceptual", *argv]
+    assert launch_command(argv, 1, "bf16") is None and launch_command(argv, 0, "fp32") is None
+    monkeypatch.setenv("LOCAL_RANK", "0")  # already one of the launched processes
+    assert launch_command(argv, 8, "bf16") is None
+
+
+def test_accumulation_does_not_change_training(tmp_path, tiny_unet, smoke_config):
+    """The same global batch in 1 micro-batch or in 4 gives the same weights (up to float sums)."""
+    data = _latent_folder(tmp_path / "data", count=16)
+    schedule = Schedule.zero_snr()
+    frozen = PerceptualNetwork.frozen_copy(tiny_unet, "midblock")
+    start = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
+    results = []
+    for max_per_device in (8, 2):
+        tiny_unet.load_state_dict(start)
+        settings = smoke_config.train.model_copy(update={"global_batch": 8, "max_per_device_batch": max_per_device})
+        sp = settings.sp.model_copy(update={"num_steps": 3})
+        ema, history, _ = train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "text", 1000)
+        results.append(({k: v.clone() for k, v in tiny_unet.state_dict().items()}, history.series["loss"]))
+    (one, loss_one), (four, loss_four) = results
+    assert_same_updates(start, one, four)
+    assert [step for step, _ in loss_one] == [step for step, _ in loss_four]
+    assert [loss for _, loss in loss_one] == pytest.approx([loss for _, loss in loss_four], rel=1e-5)
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(smoke_stages, tmp_path):
+    """A real two-process data-parallel run (torchrun, gloo on the CPU) through the train stage."""
+    runs = smoke_stages
+    args = ["train", "--params", "params.yaml", "--scale", "smoke", "--data", str(runs / "encode"), "--init", str(runs / "base"),
+            "--objective", "mse", "--conditioning", "text", "--set", "train.mse.num_steps=3"]
+    run_stage("train", tmp_path / "one", *args[5:])
+    env = {**environment(), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "selfperceptual",
+               *args, "--out", str(tmp_path / "two")]
+    result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    one, two = load_unet(tmp_path / "one" / "pipeline").state_dict(), load_unet(tmp_path / "two" / "pipeline").state_dict()
+    assert_same_updates(load_unet(runs / "base" / "pipeline").state_dict(), one, two)
+    assert not list(tmp_path.glob(".two.*partial"))  # only the first process wrote the output
