@@ -3,6 +3,10 @@
 ``one_node_cluster(folder)`` installs the packages if they are missing (apt-get, as root), starts
 munged, slurmctld and slurmd with every file of theirs under ``folder`` and private ports, yields
 the environment that points SLURM's commands at it (``SLURM_CONF``), and stops the daemons after.
+
+While the cluster runs, SLURM's default configuration path links to its slurm.conf: the SLURM
+executor runs each job's srun with every SLURM_* variable removed, SLURM_CONF included, so srun
+inside a job finds the configuration where a real cluster keeps it.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import time
 from pathlib import Path
 
 PACKAGES = ("slurm-wlm", "munge")
+DEFAULT_CONF = Path("/etc/slurm/slurm.conf")  # Debian's compiled-in path
 DAEMONS = ("slurmctld", "slurmd", "munged")
 
 
@@ -30,7 +35,7 @@ def ensure_installed() -> None:
         raise SlurmUnavailable("slurm-wlm and munge are not installed, and installing them needs root and apt-get")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
     for command in (["apt-get", "update", "-qq"], ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600)
+        result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=600, check=False)
         if result.returncode != 0:
             raise SlurmUnavailable(f"{' '.join(command)} failed:\n{result.stdout[-2000:]}{result.stderr[-2000:]}")
 
@@ -70,7 +75,10 @@ def slurm_conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int) -> s
             "JobAcctGatherType=jobacct_gather/none",
             "MpiDefault=none",
             "ReturnToService=2",
-            "MinJobAge=0",  # keep every finished job on record: the tests read them back
+            # Finished jobs stay on record for a day: the tests read them back, and the SLURM executor
+            # follows jobs with squeue only when records outlive its status checks (else it tries sacct,
+            # which this cluster, keeping no accounting, cannot answer). 0 would read as 2 s here.
+            "MinJobAge=86400",
             "SchedulerParameters=sched_interval=1",
             f"StateSaveLocation={folder / 'state'}",
             f"SlurmdSpoolDir={folder / 'spool'}",
@@ -108,29 +116,48 @@ def one_node_cluster(folder: Path):
     ]
     if not Path("/etc/munge/munge.key").exists():
         subprocess.run([_daemon("mungekey"), "--create"], check=True)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(_default_conf_linked_to(conf))
         subprocess.run(munged, check=True, capture_output=True, text=True)
+        stack.callback(subprocess.run, [_daemon("munged"), "--stop", f"--socket={munge_socket}"], capture_output=True, check=False)
         for command in ([_daemon("slurmctld"), "-D", "-i", "-f", str(conf)], [_daemon("slurmd"), "-D", "-N", "localhost", "-f", str(conf)]):
-            log = open(folder / f"{Path(command[0]).name}.out", "w")
+            log = stack.enter_context(open(folder / f"{Path(command[0]).name}.out", "w"))
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
+        stack.callback(_stop, processes)
         _wait_until_idle(env, folder)
         yield env
+
+
+@contextlib.contextmanager
+def _default_conf_linked_to(conf: Path):
+    running = subprocess.run(["pgrep", "-x", "slurmctld"], capture_output=True, check=False).returncode == 0
+    if DEFAULT_CONF.is_symlink() and not running:
+        DEFAULT_CONF.unlink()  # left by a test cluster that was killed
+    if DEFAULT_CONF.exists():
+        raise SlurmUnavailable(f"{DEFAULT_CONF} exists (a SLURM of this machine, or another test cluster): not replacing it")
+    DEFAULT_CONF.parent.mkdir(parents=True, exist_ok=True)
+    DEFAULT_CONF.symlink_to(conf)
+    try:
+        yield
     finally:
-        for process in processes:
-            process.terminate()
-        for process in processes:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                process.wait(timeout=20)
-            if process.poll() is None:
-                process.kill()
-        subprocess.run([_daemon("munged"), "--stop", f"--socket={munge_socket}"], capture_output=True)
+        DEFAULT_CONF.unlink(missing_ok=True)
+
+
+def _stop(processes: list[subprocess.Popen]) -> None:
+    for process in processes:
+        process.terminate()
+    for process in processes:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(timeout=20)
+        if process.poll() is None:
+            process.kill()
 
 
 def _wait_until_idle(env: dict, folder: Path, timeout_s: float = 60) -> None:
     deadline = time.monotonic() + timeout_s
     state = ""
     while time.monotonic() < deadline:
-        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True)
+        result = subprocess.run(["sinfo", "-h", "-N", "-o", "%T"], env=env, capture_output=True, text=True, check=False)
         state = result.stdout.strip()
         if state and set(state.split()) == {"idle"}:  # one line per partition
             return

@@ -38,7 +38,7 @@ def test_batch_plan_keeps_the_global_batch():
     assert (BatchPlan.derive(48, 1, 20).per_device, BatchPlan.derive(48, 1, 20).accumulation) == (16, 3)
     assert (BatchPlan.derive(896, 4, 32).per_device, BatchPlan.derive(896, 4, 32).accumulation) == (32, 7)
     plan = BatchPlan.derive(12, 2, 3)
-    assert [plan.samples_of(rank) for rank in range(2)] == [range(0, 6), range(6, 12)]
+    assert [plan.samples_of(rank) for rank in range(2)] == [range(6), range(6, 12)]
     assert plan.micro_batches() == [slice(0, 3), slice(3, 6)]
     with pytest.raises(ValueError, match="train.global_batch"):
         BatchPlan.derive(10, 4, 32)
@@ -67,7 +67,7 @@ def test_accumulation_does_not_change_training(tmp_path, tiny_unet, smoke_config
         tiny_unet.load_state_dict(start)
         settings = smoke_config.train.model_copy(update={"global_batch": 8, "max_per_device_batch": max_per_device})
         sp = settings.sp.model_copy(update={"num_steps": 3})
-        ema, history, _ = train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "text", 1000)
+        _, history, _ = train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "text", 1000)
         results.append(({k: v.clone() for k, v in tiny_unet.state_dict().items()}, history.series["loss"]))
     (one, loss_one), (four, loss_four) = results
     assert_same_updates(start, one, four)
@@ -85,7 +85,7 @@ def test_two_processes_train_like_one(smoke_stages, tmp_path):
     env = {**environment(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "selfperceptual",
                *args, "--out", str(tmp_path / "two")]
-    result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=600)
+    result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     one, two = load_unet(tmp_path / "one" / "pipeline").state_dict(), load_unet(tmp_path / "two" / "pipeline").state_dict()
     assert_same_updates(load_unet(runs / "base" / "pipeline").state_dict(), one, two)

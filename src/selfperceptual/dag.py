@@ -133,7 +133,7 @@ def _in_hub_cache(repo_id: str) -> bool:
 
         snapshot_download(repo_id, local_files_only=True)
         return True
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means "not usable offline"
         return False
 
 

@@ -26,7 +26,7 @@ class BatchPlan:
     accumulation: int
 
     @classmethod
-    def derive(cls, global_batch: int, num_processes: int, max_per_device: int) -> "BatchPlan":
+    def derive(cls, global_batch: int, num_processes: int, max_per_device: int) -> BatchPlan:
         """The fewest accumulation steps whose micro-batch fits ``max_per_device`` and divides evenly."""
         if global_batch % num_processes:
             raise ValueError(f"train.global_batch ({global_batch}) is not a multiple of the number of processes (GPUs: {num_processes})")

@@ -8,6 +8,7 @@ ships it (imported lazily: torchvision-based packages do not import in the CPU e
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
@@ -27,7 +28,7 @@ class TinyFeatureNet(nn.Module):
         self.config = {"num_classes": num_classes, "feature_dim": feature_dim}
         channels = (3, 32, 64, 128)
         layers = []
-        for c_in, c_out in zip(channels, channels[1:]):
+        for c_in, c_out in itertools.pairwise(channels):
             layers += [nn.Conv2d(c_in, c_out, 3, stride=2, padding=1), nn.GroupNorm(8, c_out), nn.SiLU()]
         self.body = nn.Sequential(*layers, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels[-1], feature_dim), nn.SiLU())
         self.head = nn.Linear(feature_dim, num_classes)
@@ -42,7 +43,7 @@ class TinyFeatureNet(nn.Module):
         (folder / "featnet.json").write_text(json.dumps(self.config))
 
     @classmethod
-    def load(cls, folder: Path) -> "TinyFeatureNet":
+    def load(cls, folder: Path) -> TinyFeatureNet:
         network = cls(**json.loads((folder / "featnet.json").read_text()))
         network.load_state_dict(load_file(folder / "featnet.safetensors"))
         return network.eval()

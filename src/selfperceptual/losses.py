@@ -66,7 +66,7 @@ class MSELoss:
     def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
         return draw_noise(self.schedule, x0, generators)
 
-    def to(self, device) -> "MSELoss":
+    def to(self, device) -> MSELoss:
         return self
 
     def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
@@ -102,7 +102,7 @@ class SelfPerceptualLoss:
         t_prime = [self.t_prime_sampler(t_cpu[i : i + 1], self.schedule.num_train_timesteps, g)[0] for i, g in enumerate(generators)]
         return {**drawn, "t_prime": torch.stack(t_prime).to(x0.device)}
 
-    def to(self, device) -> "SelfPerceptualLoss":
+    def to(self, device) -> SelfPerceptualLoss:
         self.perceptual.to(device)
         return self
 

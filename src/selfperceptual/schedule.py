@@ -32,11 +32,11 @@ class Schedule:
         self._alpha_bar_on: dict[torch.device, torch.Tensor] = {}  # copies on the devices in use
 
     @classmethod
-    def zero_snr(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000) -> "Schedule":
+    def zero_snr(cls, beta_start=0.00085, beta_end=0.012, num_train_timesteps=1000) -> Schedule:
         return cls(zero_terminal_snr_betas(beta_start, beta_end, num_train_timesteps))
 
     @classmethod
-    def from_config(cls, config) -> "Schedule":
+    def from_config(cls, config) -> Schedule:
         return cls.zero_snr(config.beta_start, config.beta_end, config.num_train_timesteps)
 
     def scheduler_config(self) -> dict:

@@ -83,7 +83,7 @@ def prepare(scale: str) -> str:
         location = (Path.cwd() / "mlartifacts").as_uri()
     try:
         return _retry(client.create_experiment, experiment_name(scale), artifact_location=location)
-    except Exception:  # another process created it in between
+    except Exception:  # noqa: BLE001 - another process created it in between
         return _retry(client.get_experiment_by_name, experiment_name(scale)).experiment_id
 
 

@@ -56,11 +56,11 @@ class PerceptualNetwork(nn.Module):
         self.up_blocks = unet.up_blocks if "up" in wanted else None
 
     @classmethod
-    def frozen_copy(cls, unet: UNet2DConditionModel, layer: str) -> "PerceptualNetwork":
+    def frozen_copy(cls, unet: UNet2DConditionModel, layer: str) -> PerceptualNetwork:
         """Algorithm 1 l. 9-11: deep-copies only the parts ``layer`` needs, then freezes them."""
         return copy.deepcopy(cls(unet, layer)).requires_grad_(False).eval()
 
-    def train(self, mode: bool = True) -> "PerceptualNetwork":
+    def train(self, mode: bool = True) -> PerceptualNetwork:
         return super().train(False)  # always eval: frozen means no dropout or norm updates either
 
     def features(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> list[torch.Tensor]:
@@ -96,7 +96,7 @@ class PerceptualNetwork(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
     @classmethod
-    def load(cls, unet_dir: str | Path, layer: str) -> "PerceptualNetwork":
+    def load(cls, unet_dir: str | Path, layer: str) -> PerceptualNetwork:
         """f*_l from a saved UNet folder (the freeze stage's): reads only the tensors ``layer`` needs."""
         unet_dir = Path(unet_dir)
         with torch.device("meta"):  # the parts layer l does not need are never allocated
@@ -105,6 +105,6 @@ class PerceptualNetwork(nn.Module):
         wanted, state = set(network.state_dict()), {}
         for path in sorted(unet_dir.glob("*.safetensors")):  # one file, or the shards of a large model
             with safe_open(path, framework="pt") as tensors:
-                state.update({key: tensors.get_tensor(key) for key in tensors.keys() if key in wanted})
+                state.update({key: tensors.get_tensor(key) for key in tensors.keys() if key in wanted})  # noqa: SIM118 - safe_open has no __iter__
         network.load_state_dict(state, strict=True, assign=True)
         return network.requires_grad_(False).eval()

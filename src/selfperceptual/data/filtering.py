@@ -21,7 +21,7 @@ def filter_rows(rows: pd.DataFrame, config) -> tuple[pd.DataFrame, dict]:
         conditions["pwatermark"] = rows["pwatermark"] <= config.max_pwatermark
     keep = pd.concat(conditions, axis=1).all(axis=1)
     stats = {
-        "rows_in": int(len(rows)),
+        "rows_in": len(rows),
         "rows_kept": int(keep.sum()),
         "removed_by": {name: int((~passed).sum()) for name, passed in conditions.items()},
     }
