@@ -25,11 +25,8 @@ setup: $(STAMP)
 run: setup
 	snakemake --cores all --config scale=$(SCALE)
 
-# Two pytest workers (pytest-xdist): most of the suite is single-threaded Python, so two cores
-# finish it in about two thirds of the serial time. TEST_WORKERS=0 runs it in one process.
-TEST_WORKERS ?= 2
 test: setup
-	$(PYTHON) -m pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(PYTHON) -m pytest
 
 # After editing src/selfperceptual/dag.py or config.py: regenerate dvc.yaml and the params schema.
 generate: setup

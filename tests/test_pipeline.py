@@ -14,9 +14,6 @@ from selfperceptual.dag import build_stages
 pytestmark = pytest.mark.slow
 
 
-# Under `make test` (pytest-xdist, two workers) the three end-to-end runs are spread so that the
-# longest (SLURM, DVC) run at the same time: group "e2e_a" is one worker's, "e2e_b" the other's.
-@pytest.mark.xdist_group("e2e_a")
 def test_snakemake_runs_the_smoke_scale_and_records_it_with_dvc(tmp_path):
     copy = copy_repository(tmp_path, scale="smoke")
     result = run([sys.executable, "-m", "snakemake", "--cores", "all"], copy, timeout=1200)
@@ -28,7 +25,6 @@ def test_snakemake_runs_the_smoke_scale_and_records_it_with_dvc(tmp_path):
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
-@pytest.mark.xdist_group("e2e_b")
 def test_dvc_exp_run_runs_the_smoke_scale(tmp_path):
     copy = copy_repository(tmp_path)
     assert yaml.safe_load((copy / "params.yaml").read_text())["scale"] == "local"

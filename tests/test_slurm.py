@@ -45,7 +45,6 @@ def _jobs(env) -> dict[str, dict[str, str]]:
     return jobs
 
 
-@pytest.mark.xdist_group("e2e_a")  # see test_pipeline.py
 def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     copy = copy_repository(tmp_path / "repo", scale="smoke")
     (copy / "cluster.yaml").write_text("cluster: {partition: work}\n")  # the user's settings (not the default partition)
