@@ -6,7 +6,10 @@
 All three run on the same UNet, batch and latents. "naive" is Algorithm 1 as public ports write
 it: a full deep copy of the UNet with a forward hook on the mid block, both branches with
 autograd. Each variant runs in its own process so peak memory is its own (CPU: max RSS; CUDA:
-max allocated). Ratios are to the MSE step measured in the same run.
+max allocated). Ratios are to the MSE step measured in the same run: each variant runs
+``--rounds`` times, interleaved with the others. Ratios are taken within a round; every round's
+ratios are printed, and the table shows the medians over the rounds (each round's step time is
+the median of its timed steps).
 """
 
 from __future__ import annotations
@@ -115,22 +118,39 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=48, help="the local scale's global batch")
     parser.add_argument("--latent", type=int, help="latent side (default: the shape's own; SD 2.1-base at 512 px: 64)")
     parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=10)
+    parser.add_argument("--repeats", type=int, default=20, help="timed steps per process; the median is kept")
+    parser.add_argument("--rounds", type=int, default=5, help="processes per variant, interleaved; the table shows medians over them")
     parser.add_argument("--variant", choices=("mse", "sp", "naive"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # a child process: measure one variant and report it as JSON
         print(json.dumps(measure(args.variant, args)))
         return
-    rows = []
-    for variant in ("mse", "sp", "naive"):
-        child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
-        rows.append(json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]))
-    base = rows[0]
-    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} latent={base['latent']}x{base['latent']} threads={torch.get_num_threads()}")
-    print(f"{'step':<8}{'time/step':>12}{'x MSE':>8}{'peak MiB':>11}{'x MSE':>8}")
-    for row in rows:
-        print(f"{row['variant']:<8}{row['step_s']:>11.3f}s{row['step_s'] / base['step_s']:>8.2f}{row['peak_mib']:>11.0f}{row['peak_mib'] / base['peak_mib']:>8.2f}")
+    variants = ("mse", "sp", "naive")
+    # Rounds interleave the variants, so a slow spell of a shared machine hits all three alike.
+    # Ratios are taken within a round (a paired comparison); the table shows each variant's median
+    # time, peak memory and ratio over the rounds.
+    rounds = []
+    for _ in range(args.rounds):
+        measured = {}
+        for variant in variants:
+            child = [sys.executable, __file__, *sys.argv[1:], "--variant", variant]
+            measured[variant] = json.loads(subprocess.run(child, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1])
+        rounds.append(measured)
 
+    def median_of(variant: str, figure) -> float:
+        return statistics.median(figure(measured[variant], measured["mse"]) for measured in rounds)
+
+    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} latent={rounds[0]['mse']['latent']}x{rounds[0]['mse']['latent']} threads={torch.get_num_threads()}")
+    for number, measured in enumerate(rounds, 1):
+        ratios = "  ".join(f"{variant}/mse {measured[variant]['step_s'] / measured['mse']['step_s']:.2f}" for variant in variants[1:])
+        print(f"round {number}: mse {measured['mse']['step_s']:.3f}s  {ratios}")
+    print(f"{'step':<8}{'time/step':>12}{'x MSE':>8}{'peak MiB':>11}{'x MSE':>8}")
+    for variant in variants:
+        step_s = median_of(variant, lambda row, mse: row["step_s"])
+        step_ratio = median_of(variant, lambda row, mse: row["step_s"] / mse["step_s"])
+        peak_mib = median_of(variant, lambda row, mse: row["peak_mib"])
+        peak_ratio = median_of(variant, lambda row, mse: row["peak_mib"] / mse["peak_mib"])
+        print(f"{variant:<8}{step_s:>11.3f}s{step_ratio:>8.2f}{peak_mib:>11.0f}{peak_ratio:>8.2f}")
 
 if __name__ == "__main__":
     main()

@@ -33,6 +33,8 @@ def check_outputs_and_runs(copy):
     assert set(results["metrics"]) == set(SAMPLE_ROWS)
     assert all(m["fid"] > 0 and m["is"] >= 1 for m in results["metrics"].values())
     assert (runs_dir / "report" / "grid_text.png").is_file() and (runs_dir / "report" / "report.html").is_file()
+    first_caption = json.loads((runs_dir / "sample_mse_s25" / "samples.json").read_text())["captions"][0]
+    assert f"1. {first_caption};" in report  # the grid's legend names what each row was asked for
 
     runs = _runs(copy)
     assert len(runs) == len(TRAIN_RUNS) + len(SAMPLE_ROWS)

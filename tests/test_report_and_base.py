@@ -4,10 +4,12 @@ import sys
 
 import torch
 import yaml
+from PIL import Image
 from workspace import copy_repository, run
 
 from selfperceptual.experiments import SAMPLE_ROWS
-from selfperceptual.stages.report import build_tables, markdown_table
+from selfperceptual.sampling import grid
+from selfperceptual.stages.report import build_tables, grid_legend, markdown_table
 
 
 def test_each_row_sits_beside_the_matching_paper_number(repo):
@@ -36,6 +38,22 @@ def test_a_missing_evaluation_shows_as_a_dash(repo):
     ours = [(row[2], row[4]) for row in tables["table3"][1:]]
     assert ours == [("—", "—")] * 3
     assert [row[1] for row in tables["table3"][1:]] == ["27.24", "24.54", "25.89"]
+
+
+def test_small_samples_are_enlarged_in_the_grid_pixel_for_pixel():
+    colours = [(255, 0, 0), (0, 0, 255)]
+    cells = [[Image.new("RGB", (32, 32), colour)] for colour in colours]
+    cells[0][0].putpixel((0, 0), (0, 255, 0))
+    canvas = grid(cells, pad=2, min_side=100)  # 100 px asks for 4x: 128 px cells
+    assert canvas.size == (2 + 2 * (128 + 2), 2 + 128 + 2)
+    assert canvas.getpixel((2 + 3, 2 + 3)) == (0, 255, 0) and canvas.getpixel((2 + 4, 2 + 4)) == (255, 0, 0)
+    assert canvas.getpixel((2 + 130 + 127, 2 + 127)) == (0, 0, 255)
+    assert grid(cells, pad=2, min_side=32).size == (2 + 2 * 34, 36)  # large enough already: unchanged
+
+
+def test_grid_legend_names_each_row_prompt_and_the_empty_prompt():
+    assert grid_legend(["a red circle", "a blue square"]) == "Rows, top to bottom: 1. a red circle; 2. a blue square."
+    assert "empty prompt" in grid_legend(["", ""])
 
 
 def test_tiny_vae_training_lowers_the_loss_and_sets_unit_variance_latents(smoke_config):

@@ -24,8 +24,12 @@ def generate(pipeline, prompts: list[str], seeds: list[int], steps: int, cfg: fl
     ).images
 
 
-def grid(columns: list[list[Image.Image]], pad: int = 2) -> Image.Image:
-    """Images side by side: one column per list, one row per prompt."""
+def grid(columns: list[list[Image.Image]], pad: int = 2, min_side: int = 0) -> Image.Image:
+    """Images side by side: one column per list, one row per prompt. Images smaller than
+    ``min_side`` are enlarged by a whole factor (nearest neighbour, so no pixel is invented)."""
+    factor = max(1, -(-min_side // min(columns[0][0].size)))
+    if factor > 1:
+        columns = [[image.resize((image.width * factor, image.height * factor), Image.NEAREST) for image in column] for column in columns]
     width, height = columns[0][0].size
     rows = len(columns[0])
     canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, rows * (height + pad) + pad), (255, 255, 255))

@@ -67,15 +67,25 @@ def html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-def make_grids(samples: dict[str, list[Path]], count: int, out: Path) -> dict[str, str]:
-    """Same seeds, same captions, one column per row of GRIDS; returns file name -> caption."""
+GRID_MIN_SIDE = 128  # small-scale samples (32 px) are enlarged in the grids so they can be seen
+
+
+def make_grids(samples: dict[str, list[Path]], count: int, out: Path) -> dict[str, list[str]]:
+    """Same seeds, same captions, one column per row of GRIDS; returns file name -> its rows."""
     made = {}
     for name, columns in GRIDS.items():
         images = [[Image.open(path) for path in samples[row][:count]] for row in columns]
         file_name = f"grid_{name}.png"
-        grid(images).save(out / file_name)
-        made[file_name] = " | ".join(columns)
+        grid(images, min_side=GRID_MIN_SIDE).save(out / file_name)
+        made[file_name] = columns
     return made
+
+
+def grid_legend(prompts: list[str]) -> str:
+    """What each grid row was asked for, top to bottom."""
+    if not any(prompts):
+        return "Every row: the empty prompt, each row with its own seed."
+    return "Rows, top to bottom: " + "; ".join(f"{i}. {prompt or '(empty prompt)'}" for i, prompt in enumerate(prompts, 1)) + "."
 
 
 def run(args, config, scale, out) -> None:
@@ -84,7 +94,8 @@ def run(args, config, scale, out) -> None:
     parts_of_row: dict[str, list[Path]] = {}
     for folder in args.samples:
         parts_of_row.setdefault(read_json(folder / "samples.json")["row"], []).append(folder)
-    samples = {row: sample_images(folders)[1] for row, folders in parts_of_row.items()}
+    sampled = {row: sample_images(folders) for row, folders in parts_of_row.items()}
+    samples = {row: paths for row, (_, paths) in sampled.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
     count = min(config.report.grid_images, config.sample.num_images)
@@ -101,9 +112,11 @@ def run(args, config, scale, out) -> None:
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
-    for file_name, caption in grids.items():
-        md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n")
-        page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'>")
+    for file_name, columns in grids.items():
+        caption = " | ".join(columns)
+        legend = grid_legend(sampled[columns[0]][0]["prompts"][:count])
+        md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n\n{legend}\n")
+        page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'><p>{html.escape(legend)}</p>")
     page.append("</body></html>")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text("\n".join(page))
