@@ -140,7 +140,8 @@ def main() -> None:
     def median_of(variant: str, figure) -> float:
         return statistics.median(figure(measured[variant], measured["mse"]) for measured in rounds)
 
-    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} latent={rounds[0]['mse']['latent']}x{rounds[0]['mse']['latent']} threads={torch.get_num_threads()}")
+    latent = rounds[0]["mse"]["latent"]
+    print(f"shape={args.shape} device={args.device} dtype={args.dtype} batch={args.batch} latent={latent}x{latent} threads={torch.get_num_threads()}")
     for number, measured in enumerate(rounds, 1):
         ratios = "  ".join(f"{variant}/mse {measured[variant]['step_s'] / measured['mse']['step_s']:.2f}" for variant in variants[1:])
         print(f"round {number}: mse {measured['mse']['step_s']:.3f}s  {ratios}")
@@ -151,6 +152,7 @@ def main() -> None:
         peak_mib = median_of(variant, lambda row, mse: row["peak_mib"])
         peak_ratio = median_of(variant, lambda row, mse: row["peak_mib"] / mse["peak_mib"])
         print(f"{variant:<8}{step_s:>11.3f}s{step_ratio:>8.2f}{peak_mib:>11.0f}{peak_ratio:>8.2f}")
+
 
 if __name__ == "__main__":
     main()

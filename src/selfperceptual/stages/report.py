@@ -70,14 +70,15 @@ def html_table(rows: list[list[str]]) -> str:
 GRID_MIN_SIDE = 128  # small-scale samples (32 px) are enlarged in the grids so they can be seen
 
 
-def make_grids(samples: dict[str, list[Path]], count: int, out: Path) -> dict[str, list[str]]:
-    """Same seeds, same captions, one column per row of GRIDS; returns file name -> its rows."""
+def make_grids(sampled: dict[str, tuple[dict, list[Path]]], count: int, out: Path) -> dict[str, tuple[str, str]]:
+    """Same seeds, same captions, one column per row of GRIDS, from each row's (samples.json,
+    image paths); returns file name -> (caption, legend)."""
     made = {}
     for name, columns in GRIDS.items():
-        images = [[Image.open(path) for path in samples[row][:count]] for row in columns]
+        images = [[Image.open(path) for path in sampled[row][1][:count]] for row in columns]
         file_name = f"grid_{name}.png"
         grid(images, min_side=GRID_MIN_SIDE).save(out / file_name)
-        made[file_name] = columns
+        made[file_name] = (" | ".join(columns), grid_legend(sampled[columns[0]][0]["prompts"][:count]))
     return made
 
 
@@ -95,11 +96,10 @@ def run(args, config, scale, out) -> None:
     for folder in args.samples:
         parts_of_row.setdefault(read_json(folder / "samples.json")["row"], []).append(folder)
     sampled = {row: sample_images(folders) for row, folders in parts_of_row.items()}
-    samples = {row: paths for row, (_, paths) in sampled.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
     count = min(config.report.grid_images, config.sample.num_images)
-    grids = make_grids(samples, count, out)
+    grids = make_grids(sampled, count, out)
     intro = (
         f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
         f"`{config.featnet.kind}` feature network. Small-scale numbers are not on the paper's "
@@ -112,9 +112,7 @@ def run(args, config, scale, out) -> None:
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
-    for file_name, columns in grids.items():
-        caption = " | ".join(columns)
-        legend = grid_legend(sampled[columns[0]][0]["prompts"][:count])
+    for file_name, (caption, legend) in grids.items():
         md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n\n{legend}\n")
         page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'><p>{html.escape(legend)}</p>")
     page.append("</body></html>")
