@@ -11,7 +11,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from selfperceptual import tracking
-from selfperceptual.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
+from selfperceptual.cluster import CLUSTER_FILE, TRAIN_RETRIES, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
 from selfperceptual.config import ParamsError, load_params
 from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values
 

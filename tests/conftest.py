@@ -16,6 +16,14 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _tracking_store(tmp_path_factory):
+    """Stages run in this process report to a store of the test session, never the checkout's."""
+    if "MLFLOW_TRACKING_URI" not in os.environ:
+        os.environ["MLFLOW_TRACKING_URI"] = f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+    yield
+
+
 @pytest.fixture(scope="session")
 def repo() -> Path:
     return REPO

@@ -10,7 +10,7 @@ from conftest import run_stage
 from test_training import _latent_folder
 from workspace import environment
 
-from selfperceptual.distributed import BatchPlan, launch_command
+from selfperceptual.distributed import NODE_LAUNCHER_ENV, BatchPlan, launch_command
 from selfperceptual.losses import SelfPerceptualLoss
 from selfperceptual.models import load_unet
 from selfperceptual.schedule import Schedule
@@ -44,16 +44,21 @@ def test_batch_plan_keeps_the_global_batch():
         BatchPlan.derive(10, 4, 32)
 
 
-def test_launch_command_uses_every_allocated_gpu(monkeypatch):
-    monkeypatch.delenv("LOCAL_RANK", raising=False)
+def test_launch_command_uses_every_allocated_gpu_on_every_node():
     argv = ["train", "--data", "runs/paper/encode_part0", "--objective", "mse"]
-    command = launch_command(argv, 8, "bf16")
-    assert command[:3] == [sys.executable, "-m", "accelerate.commands.launch"]
-    assert "--multi_gpu" in command and "--num_processes=8" in command and "--mixed_precision=bf16" in command
+    command = launch_command(argv, 8, {})
+    assert command[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in command and "--nproc-per-node=8" in command
     assert command[-len(argv) - 2 :] == ["-m", "selfperceptual", *argv]
-    assert launch_command(argv, 1, "bf16") is None and launch_command(argv, 0, "fp32") is None
-    monkeypatch.setenv("LOCAL_RANK", "0")  # already one of the launched processes
-    assert launch_command(argv, 8, "bf16") is None
+    assert launch_command(argv, 1, {}) is None and launch_command(argv, 0, {}) is None
+    assert launch_command(argv, 8, {"LOCAL_RANK": "0"}) is None  # already one of the launched processes
+    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu17,gpu18", "SLURM_JOB_ID": "4242"}
+    per_node = launch_command(argv, 8, slurm)  # the job's one task: one task per node through srun
+    assert per_node[0] == "srun" and "--nodes=2" in per_node and "--ntasks-per-node=1" in per_node
+    assert f"--export=ALL,{NODE_LAUNCHER_ENV}=1" in per_node and per_node[-len(argv) :] == argv
+    node = launch_command(argv, 8, {**slurm, NODE_LAUNCHER_ENV: "1"})  # that task, on the second node
+    for flag in ("--nnodes=2", "--node-rank=1", "--master-addr=gpu17", "--master-port=24242", "--nproc-per-node=8"):
+        assert flag in node
 
 
 def test_accumulation_does_not_change_training(tmp_path, tiny_unet, smoke_config):
@@ -67,8 +72,8 @@ def test_accumulation_does_not_change_training(tmp_path, tiny_unet, smoke_config
         tiny_unet.load_state_dict(start)
         settings = smoke_config.train.model_copy(update={"global_batch": 8, "max_per_device_batch": max_per_device})
         sp = settings.sp.model_copy(update={"num_steps": 3})
-        _, history, _ = train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "text", 1000)
-        results.append(({k: v.clone() for k, v in tiny_unet.state_dict().items()}, history.series["loss"]))
+        history = train(tiny_unet, data, SelfPerceptualLoss(schedule, frozen), sp, settings, "text", 1000).history
+        results.append(({k: v.clone() for k, v in tiny_unet.state_dict().items()}, [point[:2] for point in history.series["loss"]]))
     (one, loss_one), (four, loss_four) = results
     assert_same_updates(start, one, four)
     assert [step for step, _ in loss_one] == [step for step, _ in loss_four]

@@ -1,21 +1,34 @@
 """The shared training loop, condition dropout and the unconditional variant."""
 
 import torch
-from safetensors.torch import save_file
 
+from selfperceptual.data.latents import ShardWriter
 from selfperceptual.losses import MSELoss, SelfPerceptualLoss
 from selfperceptual.schedule import Schedule
 from selfperceptual.training import LatentData, LossHistory, train
 from selfperceptual.unet import PerceptualNetwork
 
 
-def _latent_folder(folder, count=12):
+def _latent_folder(folder, count=12, shard_size=5):
+    """An encode stage's folder of random latents, written as encode writes it (several shards)."""
     generator = torch.Generator().manual_seed(0)
-    folder.mkdir()
-    save_file({"mean": torch.randn(count, 4, 8, 8, generator=generator), "std": torch.full((count, 4, 8, 8), 0.1)}, folder / "latents.safetensors")
-    save_file({"context": torch.randn(count, 6, 32, generator=generator), "empty": torch.zeros(1, 6, 32)}, folder / "text.safetensors")
-    (folder / "index.json").write_text('{"captions": ' + str([f"caption {i}" for i in range(count)]).replace("'", '"') + "}")
+    writer = ShardWriter(folder, shard_size)
+    for start in range(0, count, 4):
+        size = min(4, count - start)
+        writer.add(torch.randn(size, 4, 8, 8, generator=generator), torch.full((size, 4, 8, 8), 0.1), torch.randn(size, 6, 32, generator=generator),
+                   [f"{i:09d}" for i in range(start, start + size)], [f"caption {i}" for i in range(start, start + size)])
+    writer.close(torch.zeros(1, 6, 32))
     return LatentData(folder)
+
+
+def test_shards_hold_every_sample_once_and_read_back_exactly(tmp_path):
+    data = _latent_folder(tmp_path / "data", count=13, shard_size=5)
+    assert len(data) == 13 and len(data.files) == 3  # 5 + 5 + 3
+    assert data.captions(7) == [f"caption {i}" for i in range(7)]
+    generator = torch.Generator().manual_seed(0)
+    means = torch.randn(4, 4, 8, 8, generator=generator)
+    assert torch.equal(data._rows(0)[0], means[0]) and torch.equal(data._rows(3)[0], means[3])
+    assert data._rows(6)[2].dtype == torch.float16  # text embeddings are kept in half precision
 
 
 def test_condition_dropout_and_uncond_feed_the_empty_caption(tmp_path):
@@ -41,9 +54,9 @@ def test_loss_history_buckets_by_timestep():
     history = LossHistory(1000)
     history.record(torch.tensor([1.0, 3.0, 5.0]), torch.tensor([0, 100, 999]))
     history.flush(1)
-    assert history.series["loss"] == [(1, 3.0)]
-    assert history.series["loss_t0000_0249"] == [(1, 2.0)]
-    assert history.series["loss_t0750_0999"] == [(1, 5.0)]
+    assert [point[:2] for point in history.series["loss"]] == [(1, 3.0)]
+    assert [point[:2] for point in history.series["loss_t0000_0249"]] == [(1, 2.0)]
+    assert [point[:2] for point in history.series["loss_t0750_0999"]] == [(1, 5.0)]
 
 
 def test_mse_then_sp_training_runs_and_keeps_the_frozen_copy(tmp_path, tiny_unet, smoke_config):
@@ -52,7 +65,8 @@ def test_mse_then_sp_training_runs_and_keeps_the_frozen_copy(tmp_path, tiny_unet
     settings = smoke_config.train.model_copy(update={"global_batch": 4})
     mse = settings.mse.model_copy(update={"num_steps": 3})
     start = {k: v.clone() for k, v in tiny_unet.state_dict().items()}
-    ema, history, _ = train(tiny_unet, data, MSELoss(schedule), mse, settings, "text", 1000)
+    result = train(tiny_unet, data, MSELoss(schedule), mse, settings, "text", 1000)
+    ema, history = result.ema, result.history
     assert len(history.series["loss"]) >= 1
     changed = [k for k, v in tiny_unet.state_dict().items() if not torch.equal(v, start[k])]
     assert changed, "MSE training did not update the UNet"

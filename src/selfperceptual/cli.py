@@ -2,7 +2,8 @@
 
 Every stage validates the whole params.yaml first, writes its output folder atomically (a crash
 leaves the previous output or nothing), and saves the resolved configuration (``--set`` applied)
-beside its results.
+beside its results. Exit status: 0 done, 1 failed, 2 bad params, 3 outputs written but the
+tracking store failed, 143 stopped by SIGTERM after a checkpoint (rerun to resume).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 from . import distributed
 from .config import ParamsError, load_params
 from .io import atomic_dir, write_json
+from .tracking import TrackingError
 
 STAGES = ("corpus", "filter", "download", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate", "report")
 
@@ -61,5 +63,13 @@ def main(argv=None) -> int:
         return 0
     with atomic_dir(args.out) as out:
         write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
-        args.module.run(args, config, scale, out)
+        report = args.module.run(args, config, scale, out)
+    # A stage may return what it reports to the tracker: it runs once the outputs are in place,
+    # so a tracking failure never costs them.
+    try:
+        if report:
+            report()
+    except TrackingError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 3
     return 0

@@ -49,12 +49,24 @@ def read_cluster_file(path: str | Path):
     return raw.get("cluster")
 
 
-def rule_resources(job, cluster: dict[str, str]) -> dict:
+# A training job is sent SIGTERM this long before its time limit: it checkpoints and stops, and
+# Snakemake resubmits it (the train rules' retries), so it resumes where it stopped.
+STOP_SIGNAL_LEAD_S = 600
+TRAIN_RETRIES = 3
+
+
+def rule_resources(job, cluster: dict[str, str], command: str = "") -> dict:
     """Snakemake resources of one job (snakemake-executor-plugin-slurm's names) from a JobResources."""
     resources = {"mem_mb": job.mem_mb, "runtime": job.runtime_min}
     partition = cluster.get("partition")
+    if job.nodes > 1:
+        resources["nodes"] = job.nodes
+        if not job.gpus:
+            resources["tasks"] = job.nodes  # one per node (a GPU job gets SLURM's default: one per node)
+    if command == "train":
+        resources["slurm_extra"] = f"--signal=TERM@{STOP_SIGNAL_LEAD_S}"
     if job.gpus:
-        resources["gpu"] = job.gpus
+        resources["gpu"] = job.gpus * job.nodes  # sbatch --gpus counts the whole job's
         partition = cluster.get("gpu_partition", partition)
         if "gpu_model" in cluster:
             resources["gpu_model"] = cluster["gpu_model"]
@@ -72,11 +84,11 @@ def resource_table(config) -> str:
     jobs: dict[str, int] = {}
     for stage in build_stages(config):
         jobs[stage.command] = jobs.get(stage.command, 0) + 1
-    lines = ["| stage | jobs | CPUs | memory | runtime | GPUs |", "|---|---|---|---|---|---|"]
+    lines = ["| stage | jobs | nodes | CPUs | memory | runtime | GPUs per node |", "|---|---|---|---|---|---|---|"]
     for command, count in jobs.items():
         job = config.resources.of(command)
         hours = f"{job.runtime_min / 60:g} h" if job.runtime_min >= 60 else f"{job.runtime_min} min"
-        lines.append(f"| `{command}` | {count} | {job.cpus} | {job.mem_mb / 1000:g} GB | {hours} | {job.gpus or '—'} |")
+        lines.append(f"| `{command}` | {count} | {job.nodes} | {job.cpus} | {job.mem_mb / 1000:g} GB | {hours} | {job.gpus or '—'} |")
     return "\n".join(lines)
 
 

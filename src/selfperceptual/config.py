@@ -98,8 +98,13 @@ class BaseModelConfig(Section):
         return self
 
 
+Precision = Literal["fp32", "fp16", "bf16"]
+
+
 class EncodeConfig(Section):
     batch: int = Field(gt=0)
+    precision: Precision  # of the VAE and text encoder (stored: float32 latents, float16 text embeddings)
+    shard_size: int = Field(gt=0)  # samples per shard file: encode's memory and training's read unit
     num_jobs: int = Field(1, gt=0)  # split into this many jobs (contiguous blocks of batches); same result
 
 
@@ -126,9 +131,12 @@ class TrainConfig(Section):
     seed: int = 0
     global_batch: int = Field(gt=0)  # samples per optimiser step, whatever the number of GPUs
     max_per_device_batch: int = Field(gt=0)  # memory cap: gradient accumulation makes up the rest
-    precision: Literal["fp32", "fp16", "bf16"]  # of the forward and backward passes (autocast); weights stay fp32
+    precision: Precision  # of the forward and backward passes (autocast); weights, optimizer and EMA stay fp32
     ema_decay: float = Field(ge=0.0, lt=1.0)
-    log_every_steps: int = Field(gt=0)
+    log_every_steps: int = Field(gt=0)  # loss curve points, on disk and in MLflow as training goes
+    preview_every_steps: int = Field(ge=0)  # a preview grid of the EMA model in MLflow (0: only at the end)
+    checkpoint_every_steps: int = Field(gt=0)  # training state saved for resuming (also at the end and on SIGTERM)
+    keep_checkpoints: int = Field(gt=0)  # the latest this many are kept
     mse: ObjectiveConfig
     sp: SelfPerceptualConfig
 
@@ -147,6 +155,7 @@ class FeatNetConfig(Section):
 class SampleConfig(Section):
     num_images: int = Field(gt=0)
     batch: int = Field(gt=0)
+    precision: Precision  # of the pipeline's models while sampling (also the training preview's)
     num_jobs: int = Field(1, gt=0)  # split each sampling row into this many jobs (blocks of batches); same images
     seed: int = 0
     eta: float = 0.0
@@ -155,6 +164,7 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     is_splits: int = Field(gt=0)
     batch: int = Field(gt=0)
+    precision: Precision  # of the feature network when it extracts features (featnet and evaluate)
 
 
 class ReportConfig(Section):
@@ -167,7 +177,8 @@ class JobResources(Section):
     cpus: int = Field(gt=0)
     mem_mb: int = Field(gt=0)
     runtime_min: int = Field(gt=0)
-    gpus: int = Field(0, ge=0)
+    gpus: int = Field(0, ge=0)  # per node
+    nodes: int = Field(1, gt=0)  # nodes of one job (training only: one process per GPU on each)
 
 
 class ResourcesConfig(Section):

@@ -46,6 +46,11 @@ def run_dir(stage: str) -> str:
     return f"runs/{{scale}}/{stage}"
 
 
+def checkpoint_dir(stage: str) -> str:
+    """A training stage's checkpoints: not an output, so no tool deletes them when a job fails."""
+    return f"runs/{{scale}}/checkpoints/{stage}"
+
+
 def _stage(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str = "") -> Stage:
     """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>`` (repeated)."""
     flags = [f"--{flag} {run_dir(source)}" for flag, sources in inputs.items() for source in sources]
@@ -84,7 +89,10 @@ def build_stages(config) -> list[Stage]:
     train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
     for run in TRAIN_RUNS.values():
         inputs = {"data": _names(encodes), "init": [run.init], **({"perceptual": [run.perceptual]} if run.perceptual else {})}
-        extra = " ".join([f"--objective {run.objective} --conditioning {run.conditioning}", *(f"--set {s}" for s in run.settings)])
+        extra = " ".join([
+            f"--objective {run.objective} --conditioning {run.conditioning} --checkpoints {checkpoint_dir(run.name)}",
+            *(f"--set {s}" for s in run.settings),
+        ])
         stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}"), extra))
     for name, source in FREEZES.items():
         stages.append(_stage(name, "freeze", {"model": [source]}, ()))

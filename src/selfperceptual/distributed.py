@@ -1,4 +1,4 @@
-"""Training on every GPU of an allocation: the accelerate launch and the batch plan.
+"""Training on every GPU of an allocation, on one node or several: the launch and the batch plan.
 
 The global batch is what params.yaml says whatever the number of GPUs: each of the N processes
 takes a contiguous block of global_batch / N samples and works through it in ``accumulation``
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
 import sys
 from dataclasses import dataclass
 
@@ -50,7 +51,7 @@ def sample_generators(seed: int, step: int, positions: range) -> list[torch.Gene
 
 
 def in_launched_process() -> bool:
-    """True inside a process that torchrun / accelerate launch started."""
+    """True inside a process that torchrun (or accelerate launch) started."""
     return "LOCAL_RANK" in os.environ
 
 
@@ -59,16 +60,40 @@ def rank() -> int:
 
 
 ACCELERATE_PRECISION = {"fp32": "no", "fp16": "fp16", "bf16": "bf16"}  # train.precision -> accelerate's mixed_precision
+NODE_LAUNCHER_ENV = "SP_NODE_LAUNCHER"  # set on the one task per node that srun starts
 
 
-def launch_command(argv: list[str], num_gpus: int, precision: str) -> list[str] | None:
-    """``accelerate launch`` over ``num_gpus`` GPUs of this node for the given stage arguments, or
-    None when one process is all there is to run (one GPU or none, or already launched)."""
-    if num_gpus <= 1 or in_launched_process():
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: plain names directly, compressed ones through scontrol."""
+    if "[" not in nodelist:
+        return nodelist.split(",")[0]
+    hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True).stdout.split()
+    return hosts[0]
+
+
+def _torchrun(nodes: int, node_rank: int, per_node: int, master: str, port: int, argv: list[str]) -> list[str]:
+    rendezvous = ["--standalone"] if nodes == 1 else [f"--nnodes={nodes}", f"--node-rank={node_rank}", f"--master-addr={master}", f"--master-port={port}"]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, f"--nproc-per-node={per_node}", "-m", "selfperceptual", *argv]
+
+
+def launch_command(argv: list[str], num_gpus: int, env=os.environ) -> list[str] | None:
+    """The command that runs a training stage over its whole allocation, or None when this
+    process is all there is to run (one node with one GPU or none, or already launched).
+
+    One node: torchrun with one process per GPU. Several nodes (SLURM_NNODES > 1, from
+    ``resources.train.nodes``): srun starts this stage once per node, and each of those starts
+    torchrun for its node, with the rendezvous at the allocation's first host on a port derived
+    from the job id. Every process then takes global_batch / (all processes) samples.
+    """
+    if "LOCAL_RANK" in env:
         return None
-    return [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", f"--num_processes={num_gpus}", "--num_machines=1",
-        f"--mixed_precision={ACCELERATE_PRECISION[precision]}", "--dynamo_backend=no",
-        "-m", "selfperceptual", *argv,
-    ]
+    nodes, per_node = int(env.get("SLURM_NNODES", "1")), max(1, num_gpus)
+    if nodes > 1 and NODE_LAUNCHER_ENV not in env:
+        return ["srun", "--overlap", f"--nodes={nodes}", f"--ntasks={nodes}", "--ntasks-per-node=1",
+                f"--export=ALL,{NODE_LAUNCHER_ENV}=1", sys.executable, "-m", "selfperceptual", *argv]
+    if nodes > 1:
+        port = 20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000
+        return _torchrun(nodes, int(env["SLURM_NODEID"]), per_node, first_host(env["SLURM_JOB_NODELIST"]), port, argv)
+    if num_gpus <= 1:
+        return None
+    return _torchrun(1, 0, per_node, "", 0, argv)

@@ -20,6 +20,7 @@ from torch import nn
 from tqdm import tqdm
 
 from .data.shards import to_tensor
+from .device import Runtime, runtime
 
 
 class TinyFeatureNet(nn.Module):
@@ -50,14 +51,17 @@ class TinyFeatureNet(nn.Module):
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config, seed: int) -> tuple[TinyFeatureNet, float]:
-    """Cross-entropy training with flips and small shifts; returns (network, last train accuracy)."""
+    """Cross-entropy training with flips and small shifts, in fp32 on the stage's device;
+    returns (network on the CPU, last train accuracy)."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
-    network = TinyFeatureNet(num_classes, config.feature_dim)
+    device = runtime("fp32").device
+    network = TinyFeatureNet(num_classes, config.feature_dim).to(device)
+    images, labels = images.to(device), labels.to(device)
     optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
     accuracy = 0.0
     for _ in tqdm(range(config.train_steps), desc="featnet", mininterval=5):
-        index = torch.randint(0, len(images), (config.batch,), generator=generator)
+        index = torch.randint(0, len(images), (config.batch,), generator=generator).to(device)
         batch = images[index]
         if torch.rand(1, generator=generator).item() < 0.5:
             batch = batch.flip(-1)
@@ -69,13 +73,14 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
         loss.backward()
         optimizer.step()
         accuracy = 0.9 * accuracy + 0.1 * (logits.argmax(1) == labels[index]).float().mean().item()
-    return network.eval(), accuracy
+    return network.cpu().eval(), accuracy
 
 
-class InceptionExtractor:
+class InceptionExtractor(nn.Module):
     """Inception-v3 pool3 features and logits, as torch-fidelity computes them (paper scale)."""
 
     def __init__(self):
+        super().__init__()
         try:
             from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
         except Exception as error:  # ImportError, or torchvision's operator error on CPU-only torch
@@ -85,26 +90,26 @@ class InceptionExtractor:
             ) from error
         self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"]).eval()
 
-    def __call__(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         features, logits = self.network(uint8)
         return features, logits
 
 
-def load_extractor(folder: Path):
-    """The evaluation network a featnet stage's folder describes."""
+def load_extractor(folder: Path, device: Runtime):
+    """The evaluation network a featnet stage's folder describes, on ``device``."""
     kind = json.loads((folder / "extractor.json").read_text())["kind"]
-    return TinyFeatureNet.load(folder) if kind == "tiny" else InceptionExtractor()
+    return device.place(TinyFeatureNet.load(folder) if kind == "tiny" else InceptionExtractor())
 
 
 @torch.no_grad()
-def extract(extractor, images, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Features and logits of a list of PIL images."""
+def extract(extractor, images, batch: int, device: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of a list of PIL images, computed on ``device``, returned as float64 on the CPU."""
     features, logits = [], []
     for start in range(0, len(images), batch):
-        batch_features, batch_logits = extractor(to_tensor(images[start : start + batch]))
-        features.append(batch_features.double())
-        logits.append(batch_logits.double())
+        batch_features, batch_logits = extractor(device.tensor(to_tensor(images[start : start + batch])))
+        features.append(batch_features.cpu().double())
+        logits.append(batch_logits.cpu().double())
     return torch.cat(features), torch.cat(logits)
 
 

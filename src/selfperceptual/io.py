@@ -4,10 +4,43 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import socket
 import tempfile
 from pathlib import Path
+
+log = logging.getLogger("io")
+HOST = socket.gethostname().replace(".", "_")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_partials(final: Path) -> None:
+    """Removes the temporary folders that killed runs of ``final`` left behind. A stage runs once
+    at a time (Snakemake and DVC see to it), so any such folder whose process is gone is stale;
+    one made on another host (a cluster node) cannot be asked, and is stale too."""
+    for partial in final.parent.glob(f".{final.name}.*.partial"):
+        host, pid, *_ = partial.name[len(final.name) + 2 :].split(".") + ["", ""]
+        if host == HOST and pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+            continue
+        log.info("removing %s, left by a run that was killed", partial)
+        shutil.rmtree(partial, ignore_errors=True)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 @contextlib.contextmanager
@@ -15,7 +48,8 @@ def atomic_dir(final: str | Path):
     """Yields a temporary sibling folder; on success it replaces ``final`` in one rename."""
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".partial", dir=final.parent))
+    remove_stale_partials(final)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
     except BaseException:
@@ -29,7 +63,7 @@ def atomic_dir(final: str | Path):
         shutil.rmtree(old, ignore_errors=True)
     else:
         tmp.rename(final)
-    os.chmod(final, 0o755)  # mkdtemp made it private
+    os.chmod(final, 0o777 & ~_umask())  # mkdtemp made it private; the group may read what the umask allows
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -37,6 +71,7 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp made it private
         with os.fdopen(fd, "w") as handle:
             handle.write(text)
         os.replace(tmp, path)

@@ -17,6 +17,7 @@ from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from .device import Runtime
 from .schedule import Schedule
 
 # The UNet of stabilityai/stable-diffusion-2-1-base (its unet/config.json), for tests and benchmarks
@@ -138,8 +139,11 @@ def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDi
     )
 
 
-def load_pipeline(path: str | Path, dtype=torch.float32) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
+def load_pipeline(path: str | Path, runtime: Runtime | None = None) -> StableDiffusionPipeline:
+    """A pipeline folder (or hub id), on ``runtime``'s device and dtype when given, else fp32 on the CPU."""
+    dtype = runtime.dtype if runtime else torch.float32
+    pipeline = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    return runtime.place_pipeline(pipeline) if runtime else pipeline
 
 
 def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:

@@ -1,4 +1,10 @@
-"""MLflow as a sink: stages write their results locally, then push them here in one go.
+"""MLflow as a sink: stages write their results locally first, then push them here.
+
+Evaluation stages push once, after their output folder is in place. A training stage's run is
+live (``TrainingRun``): created RUNNING before the first step, fed the loss curve and preview
+grids as training goes, continued by a resumed stage, and ended FINISHED, FAILED or KILLED. A
+tracking failure never costs the local record: the stage finishes its outputs, then fails with
+a ``TrackingError`` naming the tracking URI, and a rerun reports again.
 
 The tracking URI is ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` (the repository
 root, where Snakemake and DVC run every stage). Parallel jobs share one SQLite file, so every
@@ -8,6 +14,8 @@ before any job starts (concurrent first use races on the schema migration).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import random
 import time
@@ -16,6 +24,12 @@ from pathlib import Path
 
 EXECUTION_ENV = "SP_PIPELINE_EXECUTION"  # groups the runs of one pipeline execution
 RETRY_SECONDS = 120
+# MLflow's UI opens an experiment of this kind on its runs, not on the GenAI traces overview.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
+class TrackingError(RuntimeError):
+    """The tracking store failed; the stage's local outputs are complete."""
 
 
 def tracking_uri() -> str:
@@ -77,12 +91,15 @@ def prepare(scale: str) -> str:
     client = _client()
     experiment = _retry(client.get_experiment_by_name, experiment_name(scale))
     if experiment is not None:
+        for key, value in EXPERIMENT_KIND.items():
+            if experiment.tags.get(key) != value:
+                _retry(client.set_experiment_tag, experiment.experiment_id, key, value)
         return experiment.experiment_id
     location = None
     if tracking_uri().startswith("sqlite:"):
         location = (Path.cwd() / "mlartifacts").as_uri()
     try:
-        return _retry(client.create_experiment, experiment_name(scale), artifact_location=location)
+        return _retry(client.create_experiment, experiment_name(scale), artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # noqa: BLE001 - another process created it in between
         return _retry(client.get_experiment_by_name, experiment_name(scale)).experiment_id
 
@@ -98,6 +115,31 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def _metrics(values: dict[str, float] | None = None, series: dict[str, list] | None = None):
+    """MLflow metrics: final values (step 0, now) and series of (step, value[, unix ms]) points."""
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    entries = [Metric(key, float(value), now, 0) for key, value in (values or {}).items()]
+    for key, points in (series or {}).items():
+        entries.extend(Metric(key, float(point[1]), int(point[2]) if len(point) > 2 else now, int(point[0])) for point in points)
+    return entries
+
+
+def _log_batches(client, run_id: str, metrics=(), params: dict | None = None) -> None:
+    from mlflow.entities import Param
+
+    param_entries = [Param(k, v[:6000]) for k, v in _flatten(params or {}).items()]
+    for start in range(0, max(len(metrics), len(param_entries)), 100):
+        _retry(client.log_batch, run_id, metrics=metrics[start : start + 100], params=param_entries[start : start + 100])
+
+
+def _create_run(client, scale: str, stage: str, tags: dict) -> str:
+    all_tags = {"stage": stage, "scale": scale, "pipeline_execution": execution_id(), **tags}
+    run = _retry(client.create_run, prepare(scale), tags={k: str(v) for k, v in all_tags.items()}, run_name=stage)
+    return run.info.run_id
+
+
 def log_run(
     scale: str,
     stage: str,
@@ -109,23 +151,80 @@ def log_run(
     artifacts: list[Path] = (),
 ) -> str:
     """Creates one finished run: params, tags, final metrics, metric series and image files."""
-    from mlflow.entities import Metric, Param
-
-    client = _client()
-    experiment_id = prepare(scale)
-    all_tags = {"stage": stage, "scale": scale, "pipeline_execution": execution_id(), **tags}
-    run = _retry(client.create_run, experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=stage)
-    run_id = run.info.run_id
-    now = int(time.time() * 1000)
-    entries = [Metric(key, float(value), now, 0) for key, value in (metrics or {}).items()]
-    for key, points in (series or {}).items():
-        entries.extend(Metric(key, float(value), now, int(step)) for step, value in points)
-    param_entries = [Param(k, v[:6000]) for k, v in _flatten(params).items()]
-    for start in range(0, max(len(entries), len(param_entries)), 100):
-        _retry(client.log_batch, run_id, metrics=entries[start : start + 100], params=param_entries[start : start + 100])
-    for path in images:
-        _retry(client.log_artifact, run_id, str(path), "images")
-    for path in artifacts:
-        _retry(client.log_artifact, run_id, str(path))
-    _retry(client.set_terminated, run_id, "FINISHED")
+    try:
+        client = _client()
+        run_id = _create_run(client, scale, stage, tags)
+        _log_batches(client, run_id, _metrics(metrics, series), params)
+        for path in images:
+            _retry(client.log_artifact, run_id, str(path), "images")
+        for path in artifacts:
+            _retry(client.log_artifact, run_id, str(path))
+        _retry(client.set_terminated, run_id, "FINISHED")
+    except Exception as error:  # noqa: BLE001 - any store failure: say which store
+        raise TrackingError(f"MLflow tracking at {tracking_uri()} failed: {error}") from error
     return run_id
+
+
+class TrainingRun:
+    """One training stage's live MLflow run. Its id is kept in ``state_file`` (beside the
+    stage's checkpoints), so a resumed stage continues the same run. The first failure of the
+    store is remembered and later calls are skipped: training goes on, and ``raise_if_failed``
+    reports it once the outputs are safe."""
+
+    def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path):
+        self.error: Exception | None = None
+        self.run_id: str | None = None
+        self._client = None
+        saved = _read_state(state_file)
+        try:
+            self._client = _client()
+            if saved.get("tracking_uri") == tracking_uri() and saved.get("run_id"):
+                self.run_id = saved["run_id"]
+                _retry(self._client.update_run, self.run_id, status="RUNNING")
+            else:
+                self.run_id = _create_run(self._client, scale, stage, tags)
+                _log_batches(self._client, self.run_id, [], params)
+                state_file.parent.mkdir(parents=True, exist_ok=True)
+                state_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": tracking_uri()}) + "\n")
+        except Exception as error:  # noqa: BLE001
+            self._failed(error)
+
+    def _failed(self, error: Exception) -> None:
+        if self.error is None:
+            logging.getLogger("tracking").error("MLflow tracking at %s failed (training goes on, outputs are kept): %s", tracking_uri(), error)
+        self.error = self.error or error
+
+    def _call(self, action, *args, **kwargs) -> None:
+        if self.error is not None or self.run_id is None:
+            return
+        try:
+            action(*args, **kwargs)
+        except Exception as error:  # noqa: BLE001
+            self._failed(error)
+
+    def log_points(self, series: dict[str, list]) -> None:
+        self._call(lambda: _log_batches(self._client, self.run_id, _metrics(series=series)))
+
+    def log_image(self, path: Path) -> None:
+        self._call(_retry, lambda: self._client.log_artifact(self.run_id, str(path), "images"))
+
+    def end(self, status: str, metrics: dict[str, float] | None = None, series: dict | None = None, images: list[Path] = ()) -> None:
+        """Sends what may be missing (re-sent points are dropped as duplicates), then the status."""
+        self._call(lambda: _log_batches(self._client, self.run_id, _metrics(metrics, series)))
+        for path in images:
+            self.log_image(path)
+        self._call(_retry, lambda: self._client.set_terminated(self.run_id, status))
+
+    def raise_if_failed(self) -> None:
+        if self.error is not None:
+            raise TrackingError(
+                f"MLflow tracking at {tracking_uri()} failed: {self.error}. The outputs are complete on disk; "
+                "run the stage again to report them (it resumes from its last checkpoint and trains no further)."
+            )
+
+
+def _read_state(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import logging
+import signal
+import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from tqdm import tqdm
 
+from .checkpoints import CheckpointStore
+from .data.latents import LatentData  # noqa: F401 - the training set, re-exported for the stages and tests
 from .distributed import ACCELERATE_PRECISION, BatchPlan, sample_generators
 from .io import read_json
 from .losses import MSELoss, SelfPerceptualLoss
@@ -21,57 +26,41 @@ from .unet import Denoiser, PerceptualNetwork
 NUM_T_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
 
 
-class LatentData:
-    """Cached latents and text embeddings: the encode stage's folders (its parts, in order)."""
-
-    def __init__(self, folders):
-        folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
-        latents = [load_file(folder / "latents.safetensors") for folder in folders]
-        text = [load_file(folder / "text.safetensors") for folder in folders]
-        self.mean = torch.cat([part["mean"] for part in latents])
-        self.std = torch.cat([part["std"] for part in latents])
-        self.context = torch.cat([part["context"] for part in text])
-        self.empty = text[0]["empty"]
-        self.captions = [caption for folder in folders for caption in read_json(folder / "index.json")["captions"]]
-
-    def __len__(self) -> int:
-        return len(self.mean)
-
-    def batch(self, generators: list[torch.Generator], condition_dropout: float, conditioning: str):
-        """One sample per generator: x0 drawn from the VAE posterior of a random item; the empty
-        caption replaces its caption with probability ``condition_dropout`` (Section 4: 10% for
-        MSE, 0 for SP) and always when unconditional."""
-        index = torch.stack([torch.randint(0, len(self), (), generator=g) for g in generators])
-        noise = torch.stack([torch.randn(self.mean.shape[1:], generator=g) for g in generators])
-        x0 = self.mean[index] + self.std[index] * noise
-        empty = self.empty.expand(len(generators), -1, -1)
-        if conditioning == "uncond":
-            return x0, empty
-        drop = torch.stack([torch.rand((), generator=g) for g in generators]) < condition_dropout
-        return x0, torch.where(drop[:, None, None], empty, self.context[index])
-
-
-def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir: Path | None):
-    """The loss callable and its settings section for an objective (``mse`` or ``sp``)."""
+def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir: Path | None, unet, init: Path | str = "the initial model"):
+    """The loss callable and its settings section for an objective (``mse`` or ``sp``). For SP,
+    f* must be a frozen copy of ``unet``, the model training starts from (Algorithm 1 l. 9-11)."""
     if objective == "mse":
         return MSELoss(schedule), train_config.mse
-    if objective == "sp":
-        if perceptual_dir is None:
-            raise ValueError("the sp objective needs --perceptual (a freeze stage's folder)")
-        sp = train_config.sp
-        if not (perceptual_dir / "network" / "config.json").is_file():
-            raise FileNotFoundError(f"--perceptual {perceptual_dir}: no frozen network (network/config.json); run its freeze stage")
-        perceptual = PerceptualNetwork.load(perceptual_dir / "network", sp.layer)
-        return SelfPerceptualLoss(schedule, perceptual, sp.distance, sp.t_prime, sp.formulation), sp
-    raise ValueError(f"unknown objective {objective!r}; choose mse or sp")
+    if objective != "sp":
+        raise ValueError(f"unknown objective {objective!r}; choose mse or sp")
+    if perceptual_dir is None:
+        raise SystemExit("--objective sp needs --perceptual (a freeze stage's folder)")
+    network_dir, sp = perceptual_dir / "network", train_config.sp
+    if not (network_dir / "config.json").is_file() or not list(network_dir.glob("*.safetensors")):
+        raise SystemExit(f"--perceptual {perceptual_dir}: no frozen network (network/config.json and weights); run its freeze stage")
+    try:
+        perceptual = PerceptualNetwork.load(network_dir, sp.layer)
+    except Exception as error:  # noqa: BLE001 - a truncated file, missing tensors: say which folder
+        raise SystemExit(f"--perceptual {perceptual_dir}: cannot load the frozen network: {error}") from error
+    problem = perceptual.mismatch(unet)
+    if problem:
+        summary = perceptual_dir / "summary.json"
+        source = read_json(summary)["source"] if summary.is_file() else "an unknown model"
+        raise SystemExit(
+            f"--perceptual {perceptual_dir} (frozen from {source}) is not a frozen copy of the model being trained "
+            f"(--init {init}): {problem}"
+        )
+    return SelfPerceptualLoss(schedule, perceptual, sp.distance, sp.t_prime, sp.formulation), sp
 
 
 class LossHistory:
-    """The loss curve, overall and by timestep bucket, averaged over each logging window."""
+    """The loss curve, overall and by timestep bucket, averaged over each logging window. Each
+    point is (step, value, unix time in ms): the time makes a re-sent point a duplicate that the
+    tracker drops."""
 
     def __init__(self, num_train_timesteps: int):
         self.bucket_width = num_train_timesteps // NUM_T_BUCKETS
-        self.series: dict[str, list[tuple[int, float]]] = {}
+        self.series: dict[str, list[tuple[int, float, int]]] = {}
         self._window: dict[str, list[float]] = {}
 
     def record(self, per_sample: torch.Tensor, t: torch.Tensor) -> None:
@@ -81,64 +70,155 @@ class LossHistory:
             lo = b * self.bucket_width
             self._window.setdefault(f"loss_t{lo:04d}_{lo + self.bucket_width - 1:04d}", []).append(value)
 
-    def flush(self, step: int) -> float:
-        for key, values in self._window.items():
-            self.series.setdefault(key, []).append((step, sum(values) / len(values)))
+    def flush(self, step: int) -> dict[str, tuple[int, float, int]]:
+        """Closes the window at ``step``; returns its points by series."""
+        now = int(time.time() * 1000)
+        points = {key: (step, sum(values) / len(values), now) for key, values in self._window.items()}
+        for key, point in points.items():
+            self.series.setdefault(key, []).append(point)
         self._window = {}
+        return points
+
+    def final(self) -> float:
         return self.series["loss"][-1][1]
 
+    def state_dict(self) -> dict:
+        return {"series": self.series, "window": self._window}
 
-def train(unet, data: LatentData, loss_fn, objective_config, train_config, conditioning: str, num_train_timesteps: int):
-    """Trains ``unet`` in place on every process of the launch; returns (EMA copy, LossHistory,
-    seconds per step) on the main process and (None, None, seconds) on the others."""
+    def load_state_dict(self, state: dict) -> None:
+        self.series = {key: [tuple(point) for point in points] for key, points in state["series"].items()}
+        self._window = state["window"]
+
+
+class TrainingInterrupted(Exception):
+    """SIGTERM arrived (a SLURM time limit, a preemption); the state at ``step`` was checkpointed."""
+
+    def __init__(self, step: int):
+        super().__init__(f"training stopped by SIGTERM after step {step}")
+        self.step = step
+
+
+class StopFlag:
+    """Notes SIGTERM instead of dying, so the loop can finish its step and checkpoint first."""
+
+    def __init__(self):
+        self.requested = False
+
+    def __enter__(self):
+        self._previous = None
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame) -> None:
+        logging.getLogger("train").warning("SIGTERM: stopping after this step, with a checkpoint")
+        self.requested = True
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def agreed(self, accelerator) -> bool:
+        """True when any process was asked to stop: all stop after the same step."""
+        if accelerator.num_processes == 1:
+            return self.requested
+        flag = torch.tensor([float(self.requested)], device=accelerator.device)
+        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
+
+
+class Monitor:
+    """What a stage hooks into the loop (live tracking, previews); called on the main process."""
+
+    def logged(self, step: int, points: dict) -> None: ...
+
+    def preview(self, step: int, ema) -> None: ...
+
+
+@dataclass
+class TrainResult:
+    ema: torch.nn.Module | None  # None on processes other than the first
+    history: LossHistory | None
+    seconds_per_step: float
+    first_step: int  # 0, or the step a checkpoint resumed from
+
+
+def train(
+    unet, data, loss_fn, objective_config, train_config, conditioning: str, num_train_timesteps: int,
+    checkpoints: CheckpointStore | None = None, monitor: Monitor | None = None,
+) -> TrainResult:
+    """Trains ``unet`` in place on every process of the launch, from the latest checkpoint of
+    ``checkpoints`` when there is one. Raises TrainingInterrupted on SIGTERM, after a checkpoint."""
     # Initialize.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=ACCELERATE_PRECISION[train_config.precision])
     plan = BatchPlan.derive(train_config.global_batch, accelerator.num_processes, train_config.max_per_device_batch)
     device, main = accelerator.device, accelerator.is_main_process
+    monitor = monitor or Monitor()
     unet.train()
-    ema = copy.deepcopy(unet).requires_grad_(False).eval().to(device) if main else None
+    ema = copy.deepcopy(unet).requires_grad_(False).eval() if main else None
     optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate)
+    history, first_step, seconds_before = LossHistory(num_train_timesteps), 0, 0.0
+    latest = checkpoints.latest() if checkpoints else None
+    if latest is not None:  # resume: the same weights, EMA, optimizer state and loss curve
+        state = CheckpointStore.load(latest, unet, ema, optimizer)
+        first_step, seconds_before = state["step"], state["train_seconds"]
+        history.load_state_dict(state["history"])
+        logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
+    ema = ema.to(device) if main else None
     model, optimizer = accelerator.prepare(unet, optimizer)
     denoiser, loss_fn = Denoiser(model), loss_fn.to(device)
-    history = LossHistory(num_train_timesteps) if main else None
     positions = plan.samples_of(accelerator.process_index)
+    num_steps = objective_config.num_steps
     started = time.perf_counter()
-    progress = tqdm(range(objective_config.num_steps), desc="train", mininterval=5, disable=not main)
-    for step in progress:
-        # This process's samples of the global batch, each with its own generator seeded by
-        # (seed, step, position): a resumed or differently split run sees the same stream.
-        generators = sample_generators(train_config.seed, step, positions)
-        x0, context = data.batch(generators, objective_config.condition_dropout, conditioning)
-        noise = loss_fn.draw(x0, generators)
+    progress = tqdm(range(first_step, num_steps), desc="train", initial=first_step, total=num_steps, mininterval=5, disable=not main)
+    with StopFlag() as stop:
+        for step in progress:
+            # This process's samples of the global batch, each with its own generator seeded by
+            # (seed, step, position): a resumed or differently split run sees the same stream.
+            generators = sample_generators(train_config.seed, step, positions)
+            x0, context = data.batch(generators, objective_config.condition_dropout, conditioning)
+            noise = loss_fn.draw(x0, generators)
 
-        # Evaluate the loss and accumulate gradients: d/dtheta of the mean over the global batch
-        # (DDP averages over processes, hence the factor num_processes).
-        optimizer.zero_grad(set_to_none=True)
-        per_sample_losses, timesteps = [], []
-        for k, micro in enumerate(plan.micro_batches()):
-            sync = accelerator.no_sync(model) if k < plan.accumulation - 1 else contextlib.nullcontext()
-            with sync:
-                with accelerator.autocast():
-                    per_sample, logs = loss_fn(
-                        denoiser, x0[micro].to(device), context[micro].to(device), **{key: value[micro].to(device) for key, value in noise.items()}
-                    )
-                accelerator.backward(per_sample.sum() * plan.num_processes / plan.global_batch)
-            per_sample_losses.append(per_sample.detach().float())
-            timesteps.append(logs["t"])
-        optimizer.step()
+            # Evaluate the loss and accumulate gradients: d/dtheta of the mean over the global batch
+            # (DDP averages over processes, hence the factor num_processes).
+            optimizer.zero_grad(set_to_none=True)
+            per_sample_losses, timesteps = [], []
+            for k, micro in enumerate(plan.micro_batches()):
+                sync = accelerator.no_sync(model) if k < plan.accumulation - 1 else contextlib.nullcontext()
+                with sync:
+                    with accelerator.autocast():
+                        per_sample, logs = loss_fn(
+                            denoiser, x0[micro].to(device), context[micro].to(device), **{key: value[micro].to(device) for key, value in noise.items()}
+                        )
+                    accelerator.backward(per_sample.sum() * plan.num_processes / plan.global_batch)
+                per_sample_losses.append(per_sample.detach().float())
+                timesteps.append(logs["t"])
+            optimizer.step()
 
-        # Update the EMA (Section 4: decay 0.9995 at the paper's scale).
-        if main:
-            with torch.no_grad():
-                for averaged, online in zip(ema.parameters(), accelerator.unwrap_model(model).parameters()):
-                    averaged.lerp_(online.detach(), 1.0 - train_config.ema_decay)
+            # Update the EMA (Section 4: decay 0.9995 at the paper's scale).
+            if main:
+                with torch.no_grad():
+                    for averaged, online in zip(ema.parameters(), accelerator.unwrap_model(model).parameters()):
+                        averaged.lerp_(online.detach(), 1.0 - train_config.ema_decay)
 
-        # Log.
-        losses, t = accelerator.gather(torch.cat(per_sample_losses)), accelerator.gather(torch.cat(timesteps))
-        if main:
-            history.record(losses.cpu(), t.cpu())
-            if (step + 1) % train_config.log_every_steps == 0 or step + 1 == objective_config.num_steps:
-                progress.set_postfix(loss=f"{history.flush(step + 1):.4f}")
+            # Log, preview, checkpoint.
+            done = step + 1
+            losses, t = accelerator.gather(torch.cat(per_sample_losses)), accelerator.gather(torch.cat(timesteps))
+            if main:
+                history.record(losses.cpu(), t.cpu())
+                if done % train_config.log_every_steps == 0 or done == num_steps:
+                    points = history.flush(done)
+                    progress.set_postfix(loss=f"{points['loss'][1]:.4f}")
+                    monitor.logged(done, points)
+                if train_config.preview_every_steps and done % train_config.preview_every_steps == 0 and done < num_steps:
+                    monitor.preview(done, ema)
+            stopping = stop.agreed(accelerator)
+            if checkpoints and (done % train_config.checkpoint_every_steps == 0 or done == num_steps or stopping):
+                if main:
+                    meta = {"history": history.state_dict(), "train_seconds": seconds_before + time.perf_counter() - started}
+                    checkpoints.save(done, accelerator.unwrap_model(model), ema, optimizer.optimizer, meta)
+                accelerator.wait_for_everyone()
+            if stopping:
+                raise TrainingInterrupted(done)
     accelerator.wait_for_everyone()
-    seconds_per_step = (time.perf_counter() - started) / objective_config.num_steps
-    return ema, history, seconds_per_step
+    seconds_per_step = (seconds_before + time.perf_counter() - started) / num_steps  # over all runs of the stage
+    return TrainResult(ema, history if main else None, seconds_per_step, first_step)

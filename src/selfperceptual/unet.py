@@ -25,6 +25,11 @@ LAYERS = {
 _ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks")
 
 
+def _architecture(config) -> dict:
+    """A UNet config without the bookkeeping keys (source path, diffusers version)."""
+    return {key: (list(value) if isinstance(value, tuple) else value) for key, value in dict(config).items() if not key.startswith("_")}
+
+
 class Denoiser(nn.Module):
     """v_hat = f_theta(x_t, t, c) (Eq. 3)."""
 
@@ -49,6 +54,7 @@ class PerceptualNetwork(nn.Module):
         if layer not in LAYERS:
             raise ValueError(f"unknown perceptual layer {layer!r}; choose one of {', '.join(LAYERS)}")
         self.layer = layer
+        self.config = dict(unet.config)
         wanted = LAYERS[layer]
         for name in _ENCODER_PARTS:
             setattr(self, name, getattr(unet, name))
@@ -91,6 +97,19 @@ class PerceptualNetwork(nn.Module):
                 h = block(hidden_states=h, res_hidden_states_tuple=res, temb=emb)
             found.append(h)
         return found
+
+    def mismatch(self, unet: UNet2DConditionModel) -> str | None:
+        """Why this network is not a frozen copy of ``unet`` (another architecture, or other
+        weights), or None when it is one."""
+        mine, theirs = _architecture(self.config), _architecture(unet.config)
+        if mine != theirs:
+            differing = sorted(key for key in mine.keys() | theirs.keys() if mine.get(key) != theirs.get(key))
+            return "another architecture (" + ", ".join(f"{key}: {mine.get(key)} vs {theirs.get(key)}" for key in differing[:4]) + ")"
+        reference = unet.state_dict()
+        differ = [key for key, value in self.state_dict().items() if not torch.equal(value.cpu(), reference[key].cpu())]
+        if differ:
+            return f"other weights ({len(differ)} of {len(reference)} tensors differ, e.g. {differ[0]})"
+        return None
 
     def num_parameters(self) -> int:
         return sum(p.numel() for p in self.parameters())

@@ -16,7 +16,8 @@ for stage in STAGES:
             at_scale(f"runs/{{scale}}/benchmarks/{stage.name}.tsv")
         threads: CONFIG.resources.of(stage.command).cpus  # Snakemake sets OMP_NUM_THREADS from this
         resources:
-            **rule_resources(CONFIG.resources.of(stage.command), CLUSTER),
+            **rule_resources(CONFIG.resources.of(stage.command), CLUSTER, stage.command),
+        retries: TRAIN_RETRIES if stage.command == "train" else 0  # a stopped training job resumes from its checkpoint
         params:
             # The command goes through params: `shell:` is evaluated when the job runs, after
             # this loop has moved on, while params are bound now.

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.shards import iter_samples, to_tensor
+from ..device import runtime
 from ..io import write_json
 from ..models import (
     assemble_pipeline,
@@ -34,17 +35,21 @@ def add_arguments(parser) -> None:
 
 
 def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
-    """Reconstruction (L1 + MSE) plus a small KL term on random crops; returns the loss curve."""
+    """Reconstruction (L1 + MSE) plus a small KL term on random crops, in fp32 on the stage's
+    device (random draws on the CPU, so the result is the same on any device up to float
+    rounding); returns the loss curve and leaves ``vae`` on the CPU."""
     generator = torch.Generator().manual_seed(seed)
+    device = runtime("fp32").device
+    vae.to(device)
     optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
     crop, side = min(config.train_crop, images.shape[-1]), images.shape[-1]
     curve = []
     for step in tqdm(range(config.train_steps), desc="vae", mininterval=5):
         top, left = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=generator))
         batch = images[torch.randint(0, len(images), (config.batch,), generator=generator)]
-        batch = batch[..., top : top + crop, left : left + crop]
+        batch = batch[..., top : top + crop, left : left + crop].to(device)
         posterior = vae.encode(batch).latent_dist
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator)
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         recon = vae.decode(latents).sample
         loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + config.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
@@ -52,6 +57,7 @@ def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, f
         optimizer.step()
         if step % 25 == 0 or step == config.train_steps - 1:
             curve.append((step, loss.item()))
+    vae.cpu()
     return curve
 
 

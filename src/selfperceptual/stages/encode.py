@@ -5,6 +5,8 @@ Latents are stored already multiplied by the VAE's scaling factor (the VAE owns 
 as training from pixels would. The empty caption's embedding is stored too: condition dropout
 and the unconditional variant feed it (what the pipeline's unconditional branch feeds). With
 ``encode.num_jobs`` > 1 each job encodes a block of whole batches; training reads the parts in order.
+The output is written a shard of ``encode.shard_size`` samples at a time (``data/latents.py``), so
+memory does not grow with the number of images.
 """
 
 from __future__ import annotations
@@ -13,11 +15,11 @@ import logging
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from tqdm import tqdm
 
+from ..data.latents import ShardWriter
 from ..data.shards import count_samples, iter_samples, to_tensor
-from ..io import write_json
+from ..device import runtime
 from ..models import encode_prompts, load_pipeline
 from ..split import add_part_argument, batch_block, checked_part
 
@@ -43,27 +45,24 @@ def _batches(iterable, size):
 
 @torch.no_grad()
 def run(args, config, scale, out) -> None:
-    pipeline = load_pipeline(args.base / "pipeline")
-    vae, tokenizer, text_encoder = pipeline.vae.eval(), pipeline.tokenizer, pipeline.text_encoder.eval()
+    device = runtime(config.encode.precision)
+    pipeline = load_pipeline(args.base / "pipeline", device)
+    vae, tokenizer, text_encoder = pipeline.vae, pipeline.tokenizer, pipeline.text_encoder
     factor = vae.config.scaling_factor
     index, count = checked_part(args.part, config.encode.num_jobs, "encode.num_jobs")
     todo = batch_block(count_samples(args.images), config.encode.batch, index, count)
-    keys, captions, means, stds, contexts = [], [], [], [], []
+    log.info("encode: samples %d-%d on %s, shards of %d", todo.start, todo.stop, device.describe(), config.encode.shard_size)
+    writer = ShardWriter(out, config.encode.shard_size)
     batches = _batches(iter_samples(args.images, todo.start, todo.stop), config.encode.batch)
     for batch in tqdm(batches, desc="encode", total=-(-len(todo) // config.encode.batch), mininterval=5):
-        posterior = vae.encode(to_tensor([image for _, image, _ in batch])).latent_dist
-        means.append(posterior.mean * factor)
-        stds.append(posterior.std * factor)
+        posterior = vae.encode(device.tensor(to_tensor([image for _, image, _ in batch]))).latent_dist
         texts = [caption for _, _, caption in batch]
-        contexts.append(encode_prompts(tokenizer, text_encoder, texts))
-        keys.extend(key for key, _, _ in batch)
-        captions.extend(texts)
-    if not keys:
+        context = encode_prompts(tokenizer, text_encoder, texts)
+        writer.add(posterior.mean * factor, posterior.std * factor, context, [key for key, _, _ in batch], texts)
+    if not writer.shards and not writer.pending:
         raise SystemExit(f"encode: no images for part {index}/{count} in {', '.join(map(str, args.images))}")
-    save_file({"mean": torch.cat(means).contiguous(), "std": torch.cat(stds).contiguous()}, out / "latents.safetensors")
-    save_file(
-        {"context": torch.cat(contexts).contiguous(), "empty": encode_prompts(tokenizer, text_encoder, [""]).contiguous()},
-        out / "text.safetensors",
+    total = writer.close(
+        encode_prompts(tokenizer, text_encoder, [""]),
+        scaling_factor=factor, part=[index, count], samples=[todo.start, todo.stop], precision=config.encode.precision,
     )
-    write_json(out / "index.json", {"keys": keys, "captions": captions, "scaling_factor": factor, "part": [index, count], "samples": [todo.start, todo.stop]})
-    log.info("encode: %d samples, latents %s", len(keys), tuple(means[0].shape[1:]))
+    log.info("encode: %d samples in %d shards", total, len(writer.shards))

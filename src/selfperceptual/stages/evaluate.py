@@ -9,6 +9,7 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from .. import tracking
+from ..device import runtime
 from ..evaluation import extract, frechet_distance, gaussian_stats, inception_score, load_extractor
 from ..experiments import ABLATION_RUNS, SAMPLE_ROWS, TRAIN_RUNS
 from ..io import write_json
@@ -27,7 +28,8 @@ def run(args, config, scale, out) -> None:
     sampled, paths = sample_images(args.samples)
     row = SAMPLE_ROWS[sampled["row"]]
     images = [Image.open(path).convert("RGB") for path in paths]
-    features, logits = extract(load_extractor(args.featnet), images, config.evaluate.batch)
+    device = runtime(config.evaluate.precision)
+    features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
     fid = frechet_distance(gaussian_stats(features), load_file(args.featnet / "reference.safetensors"))
     score, score_std = inception_score(logits, config.evaluate.is_splits)
     metrics = {"fid": fid, "is": score, "is_std": score_std, "num_images": len(images)}
@@ -46,12 +48,12 @@ def run(args, config, scale, out) -> None:
         "steps": row.steps,
         "nfe": row.nfe,
     }
-    tracking.log_run(
+    log.info("evaluate %s: FID %.2f, IS %.2f", row.name, fid, score)
+    return lambda: tracking.log_run(
         scale,
         stage=args.out.name,
         params={"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]},
         tags=tags,
         metrics=metrics,
-        images=[out / "samples.png"],
+        images=[args.out / "samples.png"],
     )
-    log.info("evaluate %s: FID %.2f, IS %.2f", row.name, fid, score)

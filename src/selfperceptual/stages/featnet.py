@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 
 from ..data.corpus import NUM_CLASSES
 from ..data.shards import to_tensor
+from ..device import runtime
 from ..evaluation import extract, gaussian_stats, inception_score, load_extractor, train_feature_net
 from ..io import write_json
 
@@ -45,7 +46,8 @@ def run(args, config, scale, out) -> None:
         summary["train_accuracy"] = round(accuracy, 4)
     write_json(out / "extractor.json", {"kind": settings.kind})
     _, real = load_split(args.corpus, "eval", config.download.resolution)
-    features, logits = extract(load_extractor(out), real, config.evaluate.batch)
+    device = runtime(config.evaluate.precision)
+    features, logits = extract(load_extractor(out, device), real, config.evaluate.batch, device)
     save_file({k: v.contiguous() for k, v in gaussian_stats(features).items()}, out / "reference.safetensors")
     summary["real_is"], summary["real_is_std"] = inception_score(logits, config.evaluate.is_splits)
     summary["reference_images"] = len(real)

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm import tqdm
 
+from ..device import runtime
 from ..experiments import SAMPLE_ROWS
 from ..io import write_json
 from ..models import load_pipeline
@@ -35,8 +36,10 @@ def run(args, config, scale, out) -> None:
     prompts = captions if row.conditioning == "text" else [""] * len(captions)
     seeds = [settings.seed + position for position in range(len(prompts))]
     todo = batch_block(len(prompts), settings.batch, index, count)
-    pipeline = load_pipeline(args.model / "pipeline")
+    device = runtime(settings.precision)
+    pipeline = load_pipeline(args.model / "pipeline", device)
     pipeline.set_progress_bar_config(disable=True)
+    log.info("sample %s on %s", row.name, device.describe())
     (out / "images").mkdir()
     for start in tqdm(range(todo.start, todo.stop, settings.batch), desc="sample", mininterval=5):
         batch = slice(start, min(start + settings.batch, todo.stop))

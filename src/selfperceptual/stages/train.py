@@ -1,4 +1,12 @@
-"""train: fine-tune the UNet with the MSE objective (Eq. 4) or the self-perceptual one (Eq. 11)."""
+"""train: fine-tune the UNet with the MSE objective (Eq. 4) or the self-perceptual one (Eq. 11).
+
+Everything the stage loads (``--init``, ``--perceptual``, ``--data``) is loaded and checked before
+the first step. Training checkpoints every ``train.checkpoint_every_steps`` into ``--checkpoints``
+(outside the output folder, so a failed job never loses them) and on SIGTERM; running the stage
+again resumes from the latest checkpoint, bit for bit. The output folder (EMA pipeline, loss
+curve, metrics, preview) is written before MLflow hears of the end of the run, so a tracking
+failure costs nothing but a rerun, which trains no further and only reports.
+"""
 
 from __future__ import annotations
 
@@ -8,15 +16,18 @@ from pathlib import Path
 import torch
 
 from .. import tracking
+from ..checkpoints import CheckpointStore, fingerprint
+from ..device import runtime
 from ..distributed import launch_command
 from ..io import read_json, write_json
-from ..models import load_pipeline, load_unet, save_with_unet
+from ..models import assemble_pipeline, load_pipeline, save_with_unet
 from ..sampling import generate, grid
 from ..schedule import Schedule
-from ..training import LatentData, build_loss, train
+from ..training import LatentData, Monitor, TrainingInterrupted, build_loss, train
 
 log = logging.getLogger("train")
 PREVIEW_IMAGES = 8
+EXIT_SIGTERM = 143  # 128 + SIGTERM: what a job killed at its time limit reports
 
 
 def add_arguments(parser) -> None:
@@ -25,6 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--perceptual", type=Path, help="a freeze stage's folder (sp only)")
     parser.add_argument("--objective", choices=("mse", "sp"), required=True)
     parser.add_argument("--conditioning", choices=("text", "uncond"), required=True)
+    parser.add_argument("--checkpoints", type=Path, required=True, help="where training state is kept across failures and resumes (never an output folder)")
 
 
 def sp_tags(objective: str, sp, perceptual: Path | None) -> dict:
@@ -36,37 +48,118 @@ def sp_tags(objective: str, sp, perceptual: Path | None) -> dict:
 
 
 def launcher(argv: list[str], config) -> list[str] | None:
-    """``accelerate launch`` over every GPU this job was given (SLURM's --gpus sets what CUDA sees)."""
-    return launch_command(argv, torch.cuda.device_count(), config.train.precision)
+    """One process per GPU this job was given, on every node of its allocation (distributed.py)."""
+    return launch_command(argv, torch.cuda.device_count())
 
 
-def run(args, config, scale, out) -> None:
+def load_init(init: Path):
+    """The starting pipeline, every component loaded now: a broken file fails before the first step."""
+    folder = init / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"--init {init}: no pipeline/model_index.json; is this a base or train stage's folder?")
+    try:
+        return load_pipeline(folder)
+    except Exception as error:  # noqa: BLE001 - a missing or truncated component: name the folder
+        raise SystemExit(f"--init {init}: cannot load the pipeline in {folder}: {error}") from error
+
+
+def check_data(data: LatentData, unet, folders: list[Path]) -> None:
+    """The cached latents and text embeddings fit the model (channels, text width)."""
+    x0, context = data.batch([torch.Generator().manual_seed(0)], 0.0, "text")
+    channels, width = unet.config.in_channels, unet.config.cross_attention_dim
+    if x0.shape[1] != channels or context.shape[-1] != width:
+        raise SystemExit(
+            f"--data {', '.join(map(str, folders))}: latents with {x0.shape[1]} channels and text embeddings {context.shape[-1]} wide, "
+            f"but the model takes {channels} channels and {width}-wide text; encode with this model's base"
+        )
+
+
+class StageMonitor(Monitor):
+    """Live tracking and preview grids of the EMA model, from the training loop."""
+
+    def __init__(self, run: tracking.TrainingRun, pipeline, prompts: list[str], precision: str, folder: Path):
+        self.run, self.pipeline, self.prompts, self.folder = run, pipeline, prompts, folder
+        self.device = runtime(precision)
+
+    def logged(self, step: int, points: dict) -> None:
+        self.run.log_points({key: [point] for key, point in points.items()})
+
+    @torch.no_grad()
+    def render(self, ema, path: Path) -> Path:
+        """A grid of the EMA model's samples (25 DDIM steps, no CFG), the preview's seeds 0..7."""
+        pipeline = assemble_pipeline(self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.tokenizer, ema, self.pipeline.scheduler)
+        pipeline.set_progress_bar_config(disable=True)
+        device = self.device.device
+        for module in (pipeline.vae, pipeline.text_encoder):
+            module.to(device)
+        low_precision = self.device.dtype != torch.float32
+        with torch.autocast(device.type, dtype=self.device.dtype, enabled=low_precision):
+            images = generate(pipeline, self.prompts, list(range(len(self.prompts))), steps=25, cfg=None, rescale=None)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        grid([images]).save(path)
+        return path
+
+    def preview(self, step: int, ema) -> None:
+        self.run.log_image(self.render(ema, self.folder / "previews" / f"preview_step{step:08d}.png"))
+
+
+def run(args, config, scale, out):
     """``out`` is None on the processes of a multi-GPU launch other than the first: they train, the first writes."""
+    # Load and check everything before the first step.
     schedule = Schedule.from_config(config.schedule)
-    loss_fn, objective_config = build_loss(args.objective, config.train, schedule, args.perceptual)
+    init = load_init(args.init)
+    unet = init.unet
     data = LatentData(args.data)
-    unet = load_unet(args.init / "pipeline")
-    log.info("train %s/%s: %d steps of %d on %d samples", args.objective, args.conditioning, objective_config.num_steps, config.train.global_batch, len(data))
-    ema, history, seconds_per_step = train(
-        unet, data, loss_fn, objective_config, config.train, args.conditioning, schedule.num_train_timesteps
-    )
+    check_data(data, unet, args.data)
+    loss_fn, objective_config = build_loss(args.objective, config.train, schedule, args.perceptual, unet, args.init)
+    settings = {
+        "objective": args.objective, "conditioning": args.conditioning, "train": config.train.model_dump(), "schedule": config.schedule.model_dump(),
+        "init": str(args.init.resolve()), "perceptual": str(args.perceptual.resolve()) if args.perceptual else None,
+        "data": [str(folder.resolve()) for folder in args.data], "num_samples": len(data),
+    }
+    for key in ("log_every_steps", "preview_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_per_device_batch"):
+        settings["train"].pop(key)  # they change what is logged and kept, not what is trained
+    store = CheckpointStore(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
+    log.info("train %s/%s: %d steps of %d on %d samples; checkpoints in %s", args.objective, args.conditioning,
+             objective_config.num_steps, config.train.global_batch, len(data), store.folder)
+
+    run_ = monitor = None
+    if out is not None:
+        run_ = tracking.TrainingRun(
+            scale,
+            stage=args.out.name,
+            params={"objective": args.objective, "conditioning": args.conditioning, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
+            tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", **sp_tags(args.objective, config.train.sp, args.perceptual)},
+            state_file=store.folder / "mlflow_run.json",
+        )
+        prompts = data.captions(PREVIEW_IMAGES) if args.conditioning == "text" else [""] * PREVIEW_IMAGES
+        monitor = StageMonitor(run_, init, prompts, config.sample.precision, store.folder)
+
+    # Train.
+    try:
+        result = train(unet, data, loss_fn, objective_config, config.train, args.conditioning, schedule.num_train_timesteps, store, monitor)
+    except TrainingInterrupted as stopped:
+        if run_:
+            run_.end("KILLED")
+        log.warning("%s; run the stage again to resume", stopped)
+        raise SystemExit(EXIT_SIGTERM) from None
+    except BaseException:
+        if run_:
+            run_.end("FAILED")
+        raise
     if out is None:
-        return
-    save_with_unet(args.init / "pipeline", ema, out / "pipeline")
+        return None
 
-    prompts = data.captions[:PREVIEW_IMAGES] if args.conditioning == "text" else [""] * PREVIEW_IMAGES
-    preview = generate(load_pipeline(out / "pipeline"), prompts, list(range(PREVIEW_IMAGES)), steps=25, cfg=None, rescale=None)
-    grid([preview]).save(out / "preview.png")
-
-    metrics = {"final_loss": history.series["loss"][-1][1], "seconds_per_step": seconds_per_step}
+    # Write the results, then report them once they are in place.
+    save_with_unet(args.init / "pipeline", result.ema, out / "pipeline")
+    monitor.render(result.ema, out / "preview.png")
+    history = result.history
+    metrics = {"final_loss": history.final(), "seconds_per_step": result.seconds_per_step, "resumed_from_step": result.first_step}
     write_json(out / "metrics.json", metrics)
     write_json(out / "loss_curve.json", history.series)
-    tracking.log_run(
-        scale,
-        stage=args.out.name,
-        params={"objective": args.objective, "conditioning": args.conditioning, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
-        tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", **sp_tags(args.objective, config.train.sp, args.perceptual)},
-        metrics=metrics,
-        series=history.series,
-        images=[out / "preview.png"],
-    )
+
+    def report() -> None:
+        run_.end("FINISHED", metrics=metrics, series=history.series, images=[args.out / "preview.png"])
+        run_.raise_if_failed()
+
+    return report

@@ -1,0 +1,135 @@
+"""The training set as the encode stage writes it: shards of bounded size, read lazily.
+
+An encode folder holds ``index.json`` (the shards in order, with their sample counts),
+``empty.safetensors`` (the empty caption's embedding, float32) and ``shards/NNNNN.safetensors``
+with, per sample, the VAE posterior's ``mean`` and ``std`` (float32, already scaled by the VAE's
+factor) and the caption's text embedding ``context`` (float16: half the disk, and the text
+encoder's output needs no more), plus ``shards/NNNNN.json`` with the keys and captions.
+
+Writing keeps at most one shard in memory; reading opens each shard memory-mapped (safetensors)
+and copies out only the rows a batch draws, so neither grows with the number of images.
+"""
+
+from __future__ import annotations
+
+import bisect
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from ..io import read_json, write_json
+
+FORMAT = "sharded-v1"
+CONTEXT_DTYPE = torch.float16
+
+
+class ShardWriter:
+    """Accumulates encoded batches and writes a shard every ``shard_size`` samples."""
+
+    def __init__(self, out: Path, shard_size: int):
+        self.out, self.shard_size = Path(out), shard_size
+        (self.out / "shards").mkdir(parents=True)
+        self.shards: list[dict] = []
+        self._pending: dict[str, list] = {"mean": [], "std": [], "context": [], "keys": [], "captions": []}
+
+    def add(self, mean: torch.Tensor, std: torch.Tensor, context: torch.Tensor, keys: list[str], captions: list[str]) -> None:
+        pending = self._pending
+        pending["mean"].append(mean.float().cpu())
+        pending["std"].append(std.float().cpu())
+        pending["context"].append(context.to("cpu", CONTEXT_DTYPE))
+        pending["keys"].extend(keys)
+        pending["captions"].extend(captions)
+        while self.pending >= self.shard_size:
+            self._flush(self.shard_size)
+
+    def _flush(self, count: int) -> None:
+        pending = self._pending
+        tensors = {name: torch.cat(pending[name]) for name in ("mean", "std", "context")}
+        stem = f"shards/{len(self.shards):05d}"
+        save_file({name: value[:count].contiguous() for name, value in tensors.items()}, self.out / f"{stem}.safetensors")
+        write_json(self.out / f"{stem}.json", {"keys": pending["keys"][:count], "captions": pending["captions"][:count]})
+        self.shards.append({"file": f"{stem}.safetensors", "samples": count})
+        self._pending = {
+            **{name: [value[count:]] for name, value in tensors.items()},
+            "keys": pending["keys"][count:],
+            "captions": pending["captions"][count:],
+        }
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending["keys"])
+
+    def close(self, empty: torch.Tensor, **info) -> int:
+        """Writes the last, partial shard, the empty caption's embedding and the index; returns the sample count."""
+        if self._pending["keys"]:
+            self._flush(len(self._pending["keys"]))
+        save_file({"empty": empty.float().cpu().contiguous()}, self.out / "empty.safetensors")
+        total = sum(shard["samples"] for shard in self.shards)
+        write_json(self.out / "index.json", {"format": FORMAT, "shards": self.shards, "num_samples": total, **info})
+        return total
+
+
+class LatentData:
+    """Cached latents and text embeddings: the encode stage's folders (its parts, in order)."""
+
+    def __init__(self, folders):
+        folders = [Path(folder) for folder in ([folders] if isinstance(folders, (str, Path)) else folders)]
+        self.files: list[Path] = []
+        self.starts: list[int] = [0]  # first global index of each shard, then the total
+        for folder in folders:
+            index = _read_index(folder)
+            for shard in index["shards"]:
+                self.files.append(folder / shard["file"])
+                self.starts.append(self.starts[-1] + shard["samples"])
+        if not self.files:
+            raise SystemExit(f"--data {', '.join(map(str, folders))}: no encoded samples")
+        self.empty = load_file(folders[0] / "empty.safetensors")["empty"]
+        self._handles: dict[int, object] = {}
+
+    def __len__(self) -> int:
+        return self.starts[-1]
+
+    def _rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        shard = bisect.bisect_right(self.starts, index) - 1
+        if shard not in self._handles:
+            self._handles[shard] = safe_open(self.files[shard], framework="pt")
+        handle, row = self._handles[shard], index - self.starts[shard]
+        return tuple(handle.get_slice(name)[row : row + 1][0] for name in ("mean", "std", "context"))
+
+    def captions(self, count: int) -> list[str]:
+        """The first ``count`` captions (what the training preview draws)."""
+        found = []
+        for path in self.files:
+            found += read_json(path.with_suffix(".json"))["captions"]
+            if len(found) >= count:
+                break
+        return found[:count]
+
+    def batch(self, generators: list[torch.Generator], condition_dropout: float, conditioning: str):
+        """One sample per generator: x0 drawn from the VAE posterior of a random item; the empty
+        caption replaces its caption with probability ``condition_dropout`` (Section 4: 10% for
+        MSE, 0 for SP) and always when unconditional."""
+        index = [int(torch.randint(0, len(self), (), generator=g)) for g in generators]
+        mean, std, context = (torch.stack(column) for column in zip(*map(self._rows, index)))
+        noise = torch.stack([torch.randn(mean.shape[1:], generator=g) for g in generators])
+        x0 = mean + std * noise
+        empty = self.empty.expand(len(generators), -1, -1)
+        if conditioning == "uncond":
+            return x0, empty
+        drop = torch.stack([torch.rand((), generator=g) for g in generators]) < condition_dropout
+        return x0, torch.where(drop[:, None, None], empty, context.float())
+
+
+def _read_index(folder: Path) -> dict:
+    path = folder / "index.json"
+    if not path.is_file():
+        raise SystemExit(f"--data {folder}: no index.json; is this an encode stage's folder? (run its encode stage)")
+    index = read_json(path)
+    if index.get("format") != FORMAT:
+        raise SystemExit(f"--data {folder}: written by an older encode (format {index.get('format')!r}, want {FORMAT!r}); rerun encode (snakemake --forcerun encode)")
+    missing = [shard["file"] for shard in index["shards"] if not (folder / shard["file"]).is_file()]
+    if missing or not (folder / "empty.safetensors").is_file():
+        raise SystemExit(f"--data {folder}: incomplete, missing {', '.join(missing) or 'empty.safetensors'}; rerun its encode stage")
+    return index

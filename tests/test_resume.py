@@ -1,0 +1,163 @@
+"""Training survives its failures: checkpoints, SIGTERM and SIGKILL, bit-for-bit resume, live
+tracking, tracking failures that cost no work, and inputs checked before the first step."""
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import mlflow
+import pytest
+import torch
+from workspace import REPO, environment
+
+from selfperceptual.models import build_unet
+from selfperceptual.schedule import Schedule
+from selfperceptual.training import build_loss
+from selfperceptual.unet import PerceptualNetwork
+
+pytestmark = pytest.mark.slow
+UNET_FILE = "pipeline/unet/diffusion_pytorch_model.safetensors"
+
+
+def _train_command(runs, out, checkpoints, *settings):
+    return [sys.executable, "-m", "selfperceptual", "train", "--params", str(REPO / "params.yaml"), "--scale", "smoke",
+            "--out", str(out), "--data", str(runs / "encode"), "--init", str(runs / "base"), "--objective", "mse",
+            "--conditioning", "text", "--checkpoints", str(checkpoints), "--set", "train.mse.num_steps=40",
+            "--set", "train.checkpoint_every_steps=10", "--set", "train.log_every_steps=5", *settings]
+
+
+def _start(command, cwd, **env):
+    return subprocess.Popen(command, cwd=cwd, env={**environment(), "OMP_NUM_THREADS": "1", **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _wait_for_checkpoint(process, checkpoints, step):
+    deadline = time.monotonic() + 300
+    while not list(checkpoints.glob(f"*/step-{step:08d}")):
+        assert process.poll() is None, process.stdout.read()[-3000:]
+        assert time.monotonic() < deadline, "no checkpoint appeared"
+        time.sleep(0.02)
+
+
+def _finish(process, timeout=600):
+    output, _ = process.communicate(timeout=timeout)
+    return process.returncode, output
+
+
+def _client(folder):
+    return mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}")
+
+
+def _train_runs(folder):
+    client = _client(folder)
+    experiment = client.get_experiment_by_name("self-perceptual-smoke")
+    return client, experiment, client.search_runs([experiment.experiment_id])
+
+
+def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_weights(smoke_stages, tmp_path):
+    runs = smoke_stages
+    whole = tmp_path / "whole"
+    whole.mkdir()
+    code, output = _finish(_start(_train_command(runs, whole / "out", whole / "checkpoints"), whole))
+    assert code == 0, output[-3000:]
+
+    work = tmp_path / "interrupted"
+    work.mkdir()
+    out, checkpoints = work / "out", work / "checkpoints"
+    command = _train_command(runs, out, checkpoints)
+
+    # SIGTERM (a SLURM time limit): the stage checkpoints the step it is on and exits 143.
+    process = _start(command, work)
+    _wait_for_checkpoint(process, checkpoints, 10)
+    client, experiment, (live,) = _train_runs(work)
+    assert live.info.status == "RUNNING" and len(client.get_metric_history(live.info.run_id, "loss")) >= 2  # live from the start
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI opens on runs, not traces
+    process.send_signal(signal.SIGTERM)
+    code, output = _finish(process)
+    assert code == 143, output[-3000:]
+    stopped = sorted(path.name for path in checkpoints.glob("*/step-*"))
+    assert stopped and stopped[-1] != "step-00000040" and not out.exists()
+    assert _client(work).get_run(live.info.run_id).info.status == "KILLED"
+
+    # SIGKILL (a crash, a lost node): nothing runs, the checkpoints on disk are all there is.
+    process = _start(command, work)
+    _wait_for_checkpoint(process, checkpoints, int(stopped[-1].split("-")[1]) + 10)
+    process.kill()
+    process.wait()
+    assert not out.exists()
+
+    code, output = _finish(_start(command, work))
+    assert code == 0, output[-3000:]
+    assert "resuming from" in output
+    assert (out / UNET_FILE).read_bytes() == (whole / "out" / UNET_FILE).read_bytes()
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] > 0
+    assert len(list(checkpoints.glob("*/step-*"))) == 2  # train.keep_checkpoints
+    client, _, (run,) = _train_runs(work)  # the resumed stage continued the same MLflow run
+    assert run.info.run_id == live.info.run_id and run.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(run.info.run_id, "loss")][-1] == 40
+    assert {a.path for a in client.list_artifacts(run.info.run_id, "images")} >= {"images/preview.png", "images/preview_step00000010.png"}
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_a_tracking_failure_keeps_the_trained_model_and_a_rerun_only_reports(smoke_stages, tmp_path):
+    runs = smoke_stages
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    command = _train_command(runs, out, checkpoints, "--set", "train.mse.num_steps=10")
+    unreachable = f"http://127.0.0.1:{_closed_port()}"
+    code, output = _finish(_start(command, tmp_path, MLFLOW_TRACKING_URI=unreachable, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
+                                  MLFLOW_HTTP_REQUEST_TIMEOUT="5"))
+    assert code == 3, output[-3000:]
+    assert f"error: MLflow tracking at {unreachable} failed" in output
+    assert (out / UNET_FILE).is_file() and (out / "loss_curve.json").is_file() and (out / "metrics.json").is_file()
+    trained = (out / UNET_FILE).read_bytes()
+
+    code, output = _finish(_start(command, tmp_path))  # the default store, reachable
+    assert code == 0, output[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 10  # nothing trained again
+    assert (out / UNET_FILE).read_bytes() == trained
+    client, _, (run,) = _train_runs(tmp_path)
+    assert run.info.status == "FINISHED" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
+
+
+def test_a_frozen_network_of_another_model_is_refused_naming_both(tmp_path, tiny_unet):
+    schedule, sp_config = Schedule.zero_snr(), type("Train", (), {"sp": type("SP", (), {"layer": "midblock", "distance": "mse", "t_prime": "uniform", "formulation": "sp"})})()
+    frozen = tmp_path / "freeze"
+    (frozen / "network").mkdir(parents=True)
+    (frozen / "summary.json").write_text(json.dumps({"source": "runs/smoke/train_mse_uncond"}))
+    other = build_unet(type("U", (), {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_heads": 2, "norm_num_groups": 8})(),
+                       sample_size=8, latent_channels=4, cross_attention_dim=32, seed=1)
+    other.save_pretrained(frozen / "network")
+    with pytest.raises(SystemExit, match=r"frozen from runs/smoke/train_mse_uncond\) is not a frozen copy .*--init runs/smoke/train_mse\): other weights"):
+        build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    wider = build_unet(type("U", (), {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_heads": 2, "norm_num_groups": 8})(),
+                       sample_size=8, latent_channels=4, cross_attention_dim=32, seed=0)
+    wider.save_pretrained(frozen / "network")
+    with pytest.raises(SystemExit, match=r"another architecture \(block_out_channels: \[32, 32\] vs \[16, 32\]"):
+        build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    tiny_unet.save_pretrained(frozen / "network")
+    loss, _ = build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    assert isinstance(loss.perceptual, PerceptualNetwork) and not any(p.requires_grad for p in loss.perceptual.parameters())
+    assert torch.equal(loss.perceptual.conv_in.weight, tiny_unet.conv_in.weight)
+
+
+def test_a_broken_init_fails_before_the_first_step(smoke_stages, tmp_path):
+    import shutil
+
+    from conftest import run_stage
+
+    init = tmp_path / "init"
+    shutil.copytree(smoke_stages / "base", init)
+    vae = init / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"
+    vae.write_bytes(vae.read_bytes()[:1000])  # truncated: found at load time, not at save time
+    with pytest.raises(SystemExit, match=f"--init {init}: cannot load the pipeline"):
+        run_stage("train", tmp_path / "out", "--data", smoke_stages / "encode", "--init", init, "--objective", "mse",
+                  "--conditioning", "text", "--checkpoints", tmp_path / "checkpoints")
+    assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "out").exists()
