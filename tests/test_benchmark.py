@@ -1,5 +1,5 @@
-"""The SP-step benchmark runs and prints one table row per variant (its figures are not asserted:
-timings belong to the benchmark, not to the tests)."""
+"""The benchmarks run and print their figures. Timings are not asserted (they belong to the
+benchmark, not to the tests); the data-scaling memory ratio is, since memory is not noise."""
 
 import re
 import subprocess
@@ -14,3 +14,12 @@ def test_sp_step_benchmark_prints_a_row_per_variant_and_each_round(repo):
     assert set(rows) == {"mse", "sp", "naive"}
     assert rows["mse"][1] == "1.00" and rows["mse"][3] == "1.00"  # ratios are to the MSE step of the same round
     assert all(float(row[0]) > 0 and int(row[2]) > 0 for row in rows.values())
+
+
+def test_training_memory_does_not_grow_with_the_data(repo):
+    """benchmarks/data_scaling.py: 20x the samples, the same peak memory (the training set streams)."""
+    command = [sys.executable, "benchmarks/data_scaling.py", "--samples", "200", "--factor", "20", "--steps", "3"]
+    printed = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout
+    assert re.search(r"^ 20x  samples    4000 ", printed, re.MULTILINE)
+    ratio = float(re.search(r"^rss_ratio=([\d.]+)$", printed, re.MULTILINE).group(1))
+    assert ratio <= 1.1, printed

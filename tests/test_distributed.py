@@ -1,6 +1,7 @@
 """Training on several processes: the launch command, the batch plan, and the same result for any split."""
 
 import os
+import socket
 import subprocess
 import sys
 
@@ -8,7 +9,7 @@ import pytest
 import torch
 from conftest import run_stage
 from test_training import _latent_folder
-from workspace import environment
+from workspace import REPO, environment
 
 from selfperceptual.distributed import NODE_LAUNCHER_ENV, BatchPlan, launch_command
 from selfperceptual.losses import SelfPerceptualLoss
@@ -86,12 +87,37 @@ def test_two_processes_train_like_one(smoke_stages, tmp_path):
     runs = smoke_stages
     args = ["train", "--params", "params.yaml", "--scale", "smoke", "--data", str(runs / "encode"), "--init", str(runs / "base"),
             "--objective", "mse", "--conditioning", "text", "--set", "train.mse.num_steps=3"]
-    run_stage("train", tmp_path / "one", *args[5:])
+    run_stage("train", tmp_path / "one", *args[5:], "--checkpoints", tmp_path / "one_checkpoints")
     env = {**environment(), "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "selfperceptual",
-               *args, "--out", str(tmp_path / "two")]
+               *args, "--out", str(tmp_path / "two"), "--checkpoints", str(tmp_path / "two_checkpoints")]
     result = subprocess.run(command, cwd=os.path.dirname(os.path.dirname(__file__)), env=env, capture_output=True, text=True, timeout=600, check=False)
     assert result.returncode == 0, result.stderr[-4000:]
     one, two = load_unet(tmp_path / "one" / "pipeline").state_dict(), load_unet(tmp_path / "two" / "pipeline").state_dict()
     assert_same_updates(load_unet(runs / "base" / "pipeline").state_dict(), one, two)
     assert not list(tmp_path.glob(".two.*partial"))  # only the first process wrote the output
+
+
+@pytest.mark.slow
+def test_two_nodes_train_like_one_process(smoke_stages, tmp_path):
+    """Two "nodes" of a SLURM allocation on loopback: each runs the stage as srun would start it,
+    derives its torchrun rendezvous from SLURM's variables, and trains one of two processes (gloo)."""
+    runs = smoke_stages
+    args = ["train", "--params", str(REPO / "params.yaml"), "--scale", "smoke", "--data", str(runs / "encode"), "--init", str(runs / "base"),
+            "--objective", "mse", "--conditioning", "text", "--set", "train.mse.num_steps=3"]
+    run_stage("train", tmp_path / "one", *args[5:], "--checkpoints", tmp_path / "one_checkpoints")
+    with socket.socket() as sock:  # a free port: the rendezvous port is 20000 + job id % 20000
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": str(port - 20000), NODE_LAUNCHER_ENV: "1"}
+    command = [sys.executable, "-m", "selfperceptual", *args, "--out", str(tmp_path / "two"), "--checkpoints", str(tmp_path / "two_checkpoints")]
+    nodes = [
+        subprocess.Popen(command, cwd=tmp_path, env={**environment(), "OMP_NUM_THREADS": "1", **slurm, "SLURM_NODEID": str(node)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for node in range(2)
+    ]
+    outputs = [node.communicate(timeout=600)[0] for node in nodes]
+    assert [node.returncode for node in nodes] == [0, 0], "\n".join(output[-3000:] for output in outputs)
+    assert "--nnodes=2" in outputs[0] and "--node-rank=1" in outputs[1]
+    one, two = load_unet(tmp_path / "one" / "pipeline").state_dict(), load_unet(tmp_path / "two" / "pipeline").state_dict()
+    assert_same_updates(load_unet(runs / "base" / "pipeline").state_dict(), one, two)

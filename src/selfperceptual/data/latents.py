@@ -6,17 +6,22 @@ with, per sample, the VAE posterior's ``mean`` and ``std`` (float32, already sca
 factor) and the caption's text embedding ``context`` (float16: half the disk, and the text
 encoder's output needs no more), plus ``shards/NNNNN.json`` with the keys and captions.
 
-Writing keeps at most one shard in memory; reading opens each shard memory-mapped (safetensors)
-and copies out only the rows a batch draws, so neither grows with the number of images.
+Writing keeps at most one shard in memory; reading copies out only the rows a batch draws, with
+positioned reads at the offsets the safetensors header gives. (safetensors' own reader maps the
+whole file: every page a random row touches then stays in the process's resident memory, which
+grows toward the dataset's size over a long run.) Neither side grows with the number of images.
 """
 
 from __future__ import annotations
 
 import bisect
+import json
+import math
+import os
+import struct
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from ..io import read_json, write_json
@@ -71,6 +76,28 @@ class ShardWriter:
         return total
 
 
+SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class ShardFile:
+    """Rows of a safetensors file read on demand (the format: an 8-byte little-endian header
+    length, a JSON header of dtype, shape and byte offsets, then the tensors' bytes)."""
+
+    def __init__(self, path: Path):
+        self.fd = os.open(path, os.O_RDONLY)
+        (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+        header = json.loads(os.pread(self.fd, length, 8))
+        self.data_start = 8 + length
+        self.tensors = {name: (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"][0])
+                        for name, info in header.items() if name != "__metadata__"}
+
+    def row(self, name: str, index: int) -> torch.Tensor:
+        dtype, shape, offset = self.tensors[name]
+        size = math.prod(shape[1:]) * dtype.itemsize
+        data = bytearray(os.pread(self.fd, size, self.data_start + offset + index * size))
+        return torch.frombuffer(data, dtype=dtype).reshape(shape[1:])
+
+
 class LatentData:
     """Cached latents and text embeddings: the encode stage's folders (its parts, in order)."""
 
@@ -86,7 +113,7 @@ class LatentData:
         if not self.files:
             raise SystemExit(f"--data {', '.join(map(str, folders))}: no encoded samples")
         self.empty = load_file(folders[0] / "empty.safetensors")["empty"]
-        self._handles: dict[int, object] = {}
+        self._handles: dict[int, ShardFile] = {}
 
     def __len__(self) -> int:
         return self.starts[-1]
@@ -94,9 +121,9 @@ class LatentData:
     def _rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shard = bisect.bisect_right(self.starts, index) - 1
         if shard not in self._handles:
-            self._handles[shard] = safe_open(self.files[shard], framework="pt")
+            self._handles[shard] = ShardFile(self.files[shard])
         handle, row = self._handles[shard], index - self.starts[shard]
-        return tuple(handle.get_slice(name)[row : row + 1][0] for name in ("mean", "std", "context"))
+        return tuple(handle.row(name, row) for name in ("mean", "std", "context"))
 
     def captions(self, count: int) -> list[str]:
         """The first ``count`` captions (what the training preview draws)."""
