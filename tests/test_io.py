@@ -31,3 +31,14 @@ def test_outputs_follow_the_umask_so_a_group_can_read_them(tmp_path):
         os.umask(previous)
     assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o775
     assert stat.S_IMODE((tmp_path / "stage" / "metrics.json").stat().st_mode) == 0o664
+
+
+def test_a_checkpoint_cut_short_by_a_kill_is_removed_and_never_resumed(tmp_path):
+    from selfperceptual.checkpoints import CheckpointStore
+
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    (tmp_path / "checkpoints" / "step-00000010").mkdir(parents=True)
+    cut_short = tmp_path / "checkpoints" / ".step-00000020.othernode.4242.xyz.partial"
+    cut_short.mkdir()
+    assert store.latest() == tmp_path / "checkpoints" / "step-00000010"
+    assert not cut_short.exists()

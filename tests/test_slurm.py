@@ -1,8 +1,10 @@
 """The smoke scale through the SLURM profile, on a real one-node SLURM cluster started on localhost."""
 
+import json
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 from slurm_cluster import SlurmUnavailable, one_node_cluster
@@ -45,13 +47,39 @@ def _jobs(env) -> dict[str, dict[str, str]]:
     return jobs
 
 
+def _job_records(env, rule: str) -> list[dict[str, str]]:
+    """Every job SLURM ran for one rule, oldest first."""
+    listing = subprocess.run(["scontrol", "-o", "show", "job"], env=env, capture_output=True, text=True, check=True).stdout
+    records = [dict(re.findall(r"(\w+)=(\S*)", line)) for line in listing.splitlines()]
+    return sorted((r for r in records if r.get("Comment", "") == f"rule_{rule}"), key=lambda r: int(r["JobId"]))
+
+
+def _stop_training_with_sigterm(snakemake, copy, env) -> str:
+    """Once train_mse has its first checkpoint, does to its job what SLURM does ahead of a time
+    limit (``--signal=TERM@600``: SIGTERM to the job's steps); returns the job's id."""
+    deadline = time.monotonic() + 900
+    while not list((copy / "runs" / "smoke" / "checkpoints" / "train_mse").glob("*/step-*")):
+        if snakemake.poll() is not None or time.monotonic() > deadline:
+            raise AssertionError(f"train_mse never checkpointed:\n{snakemake.communicate()[0][-6000:]}")
+        time.sleep(0.2)
+    (job,) = _job_records(env, "train_mse")
+    subprocess.run(["scancel", "--signal=TERM", job["JobId"]], env=env, check=True)
+    return job["JobId"]
+
+
 def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
+    """The whole smoke DAG through sbatch, with train_mse's job stopped as at a time limit: it
+    checkpoints and exits 143, Snakemake restarts it, and it resumes."""
     copy = copy_repository(tmp_path / "repo", scale="smoke")
     (copy / "cluster.yaml").write_text("cluster: {partition: work}\n")  # the user's settings (not the default partition)
+    params = copy / "params.yaml"  # long enough to be stopped halfway
+    params.write_text(params.read_text().replace("mse: {num_steps: 20,", "mse: {num_steps: 300,", 1))
     env = {**environment(), "SLURM_CONF": slurm["SLURM_CONF"]}
     command = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", *LOCAL_SETTINGS]
-    result = subprocess.run(command, cwd=copy, env=env, capture_output=True, text=True, timeout=1800, check=False)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    snakemake = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    stopped = _stop_training_with_sigterm(snakemake, copy, env)
+    output, _ = snakemake.communicate(timeout=1800)
+    assert snakemake.returncode == 0, output[-6000:]
 
     stages = {stage.name for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1])}
     jobs = _jobs(env)
@@ -62,3 +90,12 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     for rule, job in jobs.items():  # the profile keeps every job's log
         assert (copy / ".snakemake" / "slurm_logs" / f"rule_{rule}" / f"{job['JobId']}.log").is_file(), rule
     check_outputs_and_runs(copy)
+
+    # Snakemake restarted the stopped stage (the training rules' retries): inside the same
+    # allocation while it has time left, as a new job once SLURM ends it; either way it resumed.
+    records = _job_records(env, "train_mse")
+    assert records[0]["JobId"] == stopped and records[-1]["JobState"] == "COMPLETED"
+    log = "".join((copy / ".snakemake" / "slurm_logs" / "rule_train_mse" / f"{r['JobId']}.log").read_text() for r in records)
+    for event in ("SIGTERM: stopping after this step", "training stopped by SIGTERM after step", "Trying to restart job", "resuming from"):
+        assert event in log, event
+    assert 0 < json.loads((copy / "runs" / "smoke" / "train_mse" / "metrics.json").read_text())["resumed_from_step"] < 300

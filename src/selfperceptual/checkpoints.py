@@ -20,15 +20,29 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .io import atomic_dir, read_json, write_json
+from .io import atomic_dir, read_json, remove_stale_partials, write_json
 
 log = logging.getLogger("checkpoints")
 PREFIX = "step-"
 
 
+# The code that decides what a training step computes: a checkpoint resumes only under the same.
+TRAINING_CODE = ("losses.py", "training.py", "unet.py", "schedule.py", "distributed.py", "data/latents.py", "checkpoints.py")
+
+
+def code_version() -> str:
+    package = Path(__file__).parent
+    digest = hashlib.sha256()
+    for name in TRAINING_CODE:
+        digest.update((package / name).read_bytes())
+    return digest.hexdigest()[:12]
+
+
 def fingerprint(settings: dict) -> str:
-    """A short, stable name for a training configuration (what a checkpoint may resume)."""
-    return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:12]
+    """A short, stable name for a training configuration under this training code (what a
+    checkpoint may resume)."""
+    text = json.dumps({**settings, "code": code_version()}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -57,6 +71,7 @@ class CheckpointStore:
         self.folder, self.keep = Path(folder), keep
 
     def all(self) -> list[Path]:
+        remove_stale_partials(self.folder / PREFIX, pattern=f"{PREFIX}*")  # checkpoints a kill cut short
         return sorted(path for path in self.folder.glob(f"{PREFIX}*") if path.is_dir())
 
     def latest(self) -> Path | None:

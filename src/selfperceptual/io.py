@@ -25,13 +25,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_partials(final: Path) -> None:
-    """Removes the temporary folders that killed runs of ``final`` left behind. A stage runs once
-    at a time (Snakemake and DVC see to it), so any such folder whose process is gone is stale;
-    one made on another host (a cluster node) cannot be asked, and is stale too."""
-    for partial in final.parent.glob(f".{final.name}.*.partial"):
-        host, pid, *_ = partial.name[len(final.name) + 2 :].split(".") + ["", ""]
-        if host == HOST and pid.isdigit() and _alive(int(pid)) and int(pid) != os.getpid():
+def remove_stale_partials(final: Path, pattern: str | None = None) -> None:
+    """Removes the temporary folders that killed runs of ``final`` (or of every sibling matching
+    ``pattern``) left behind. A stage runs once at a time (Snakemake and DVC see to it), so any such
+    folder whose process is gone is stale; one made on another host (a cluster node) cannot be
+    asked, and is stale too."""
+    for partial in final.parent.glob(f".{pattern or final.name}.*.partial"):
+        parts = partial.name.split(".")  # "", name, host, pid, random, "partial"
+        host, pid = (parts[-4], parts[-3]) if len(parts) >= 6 else ("", "")
+        if host == HOST and pid.isdigit() and int(pid) != os.getpid() and _alive(int(pid)):
             continue
         log.info("removing %s, left by a run that was killed", partial)
         shutil.rmtree(partial, ignore_errors=True)
