@@ -73,7 +73,7 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     copy = copy_repository(tmp_path / "repo", scale="smoke")
     (copy / "cluster.yaml").write_text("cluster: {partition: work}\n")  # the user's settings (not the default partition)
     params = copy / "params.yaml"  # long enough to be stopped halfway
-    params.write_text(params.read_text().replace("mse: {num_steps: 20,", "mse: {num_steps: 300,", 1))
+    params.write_text(params.read_text().replace("mse: {num_steps: 20,", "mse: {num_steps: 60,", 1))
     env = {**environment(), "SLURM_CONF": slurm["SLURM_CONF"]}
     command = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", *LOCAL_SETTINGS]
     snakemake = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -98,4 +98,4 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     log = "".join((copy / ".snakemake" / "slurm_logs" / "rule_train_mse" / f"{r['JobId']}.log").read_text() for r in records)
     for event in ("SIGTERM: stopping after this step", "training stopped by SIGTERM after step", "Trying to restart job", "resuming from"):
         assert event in log, event
-    assert 0 < json.loads((copy / "runs" / "smoke" / "train_mse" / "metrics.json").read_text())["resumed_from_step"] < 300
+    assert 0 < json.loads((copy / "runs" / "smoke" / "train_mse" / "metrics.json").read_text())["resumed_from_step"] < 60
