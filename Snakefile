@@ -58,3 +58,4 @@ onsuccess:
         shell("dvc commit --force --quiet " + " ".join(done))
     elif dvc_scale != SCALE:
         print(f"Not recorded in dvc.lock: params.yaml's scale is {dvc_scale!r}, this run's is {SCALE!r}.")
+    print(tracking.ui_hint(tracking.prepare(SCALE)))

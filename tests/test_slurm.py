@@ -30,8 +30,8 @@ def slurm(tmp_path):
 # (no sacct), and submitted without an account (the executor finds none to guess). Short status
 # intervals keep the test quick; a user's cluster needs none of these.
 LOCAL_SETTINGS = [
-    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "2",
-    "--seconds-between-status-checks", "2", "--latency-wait", "5",
+    "--slurm-status-command", "squeue", "--slurm-init-seconds-before-status-checks", "1",
+    "--seconds-between-status-checks", "1", "--latency-wait", "5",
 ]
 
 

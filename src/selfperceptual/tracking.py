@@ -104,6 +104,15 @@ def prepare(scale: str) -> str:
         return _retry(client.get_experiment_by_name, experiment_name(scale)).experiment_id
 
 
+def ui_hint(experiment_id: str) -> str:
+    """Where to look at an experiment in the MLflow UI, on its runs (not the GenAI overview)."""
+    page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
+    uri = tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        return f"MLflow: {uri.rstrip('/')}/{page}"
+    return f"MLflow: mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{page}"
+
+
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
     flat = {}
     for key, value in data.items():
