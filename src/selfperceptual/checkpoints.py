@@ -100,8 +100,3 @@ class CheckpointStore:
             ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
         optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]))
         return state
-
-    @staticmethod
-    def load_ema(path: Path, ema: torch.nn.Module) -> dict:
-        ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
-        return read_json(path / "state.json")

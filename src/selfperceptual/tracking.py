@@ -14,13 +14,14 @@ before any job starts (concurrent first use races on the schema migration).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import random
 import time
 import uuid
 from pathlib import Path
+
+from .io import read_json, write_json
 
 EXECUTION_ENV = "SP_PIPELINE_EXECUTION"  # groups the runs of one pipeline execution
 RETRY_SECONDS = 120
@@ -184,7 +185,7 @@ class TrainingRun:
         self.error: Exception | None = None
         self.run_id: str | None = None
         self._client = None
-        saved = _read_state(state_file)
+        saved = read_json(state_file) if state_file.is_file() else {}
         try:
             self._client = _client()
             if saved.get("tracking_uri") == tracking_uri() and saved.get("run_id"):
@@ -193,15 +194,14 @@ class TrainingRun:
             else:
                 self.run_id = _create_run(self._client, scale, stage, tags)
                 _log_batches(self._client, self.run_id, [], params)
-                state_file.parent.mkdir(parents=True, exist_ok=True)
-                state_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": tracking_uri()}) + "\n")
+                write_json(state_file, {"run_id": self.run_id, "tracking_uri": tracking_uri()})
         except Exception as error:  # noqa: BLE001
             self._failed(error)
 
     def _failed(self, error: Exception) -> None:
         if self.error is None:
             logging.getLogger("tracking").error("MLflow tracking at %s failed (training goes on, outputs are kept): %s", tracking_uri(), error)
-        self.error = self.error or error
+            self.error = error
 
     def _call(self, action, *args, **kwargs) -> None:
         if self.error is not None or self.run_id is None:
@@ -231,9 +231,3 @@ class TrainingRun:
                 "run the stage again to report them (it resumes from its last checkpoint and trains no further)."
             )
 
-
-def _read_state(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}

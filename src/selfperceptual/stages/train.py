@@ -80,6 +80,8 @@ class StageMonitor(Monitor):
     def __init__(self, run: tracking.TrainingRun, pipeline, prompts: list[str], precision: str, folder: Path):
         self.run, self.pipeline, self.prompts, self.folder = run, pipeline, prompts, folder
         self.device = runtime(precision)
+        for module in (pipeline.vae, pipeline.text_encoder):  # fp32, run under autocast in the preview's precision
+            module.to(self.device.device)
 
     def logged(self, step: int, points: dict) -> None:
         self.run.log_points({key: [point] for key, point in points.items()})
@@ -89,11 +91,8 @@ class StageMonitor(Monitor):
         """A grid of the EMA model's samples (25 DDIM steps, no CFG), the preview's seeds 0..7."""
         pipeline = assemble_pipeline(self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.tokenizer, ema, self.pipeline.scheduler)
         pipeline.set_progress_bar_config(disable=True)
-        device = self.device.device
-        for module in (pipeline.vae, pipeline.text_encoder):
-            module.to(device)
         low_precision = self.device.dtype != torch.float32
-        with torch.autocast(device.type, dtype=self.device.dtype, enabled=low_precision):
+        with torch.autocast(self.device.device.type, dtype=self.device.dtype, enabled=low_precision):
             images = generate(pipeline, self.prompts, list(range(len(self.prompts))), steps=25, cfg=None, rescale=None)
         path.parent.mkdir(parents=True, exist_ok=True)
         grid([images]).save(path)
