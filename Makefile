@@ -10,12 +10,11 @@ export TOKENIZERS_PARALLELISM := false
 
 .PHONY: setup run test generate clean-runs
 
-# torch first, by exact version: on CPU-only machines `pip install torch==2.13.0` takes the CPU
-# build, and nothing later can pull the CUDA packages in through a looser range.
+# One lock for laptops, CI and clusters: the regular torch build (pinned with `===`, so the local
+# `+cpu` build some machines offer cannot be picked) with its torchvision, CUDA libraries included.
 $(STAMP): requirements.lock pyproject.toml
 	test -x $(PYTHON) || python3 -m venv $(VENV)
 	$(PYTHON) -m pip install --quiet --upgrade pip
-	$(PYTHON) -m pip install --quiet torch==2.13.0
 	$(PYTHON) -m pip install --quiet -r requirements.lock
 	$(PYTHON) -m pip install --quiet --no-deps -e .
 	touch $@
@@ -25,8 +24,9 @@ setup: $(STAMP)
 run: setup
 	snakemake --cores all --config scale=$(SCALE)
 
+# Two workers: the end-to-end runs start first, side by side (tests/conftest.py orders them).
 test: setup
-	$(PYTHON) -m pytest
+	$(PYTHON) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
 # After editing src/selfperceptual/dag.py or config.py: regenerate dvc.yaml and the params schema.
 generate: setup

@@ -13,7 +13,8 @@ from snakemake.exceptions import WorkflowError
 from selfperceptual import tracking
 from selfperceptual.cluster import CLUSTER_FILE, TRAIN_RETRIES, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
 from selfperceptual.config import ParamsError, load_params
-from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values
+from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, run_dir
+from selfperceptual.experiments import RELEASED_ROWS
 
 configfile: PARAMS_FILE
 
@@ -42,6 +43,13 @@ rule all:  # the default target: the first rule of this file (rules of included 
 
 
 include: "workflow/rules/stages.smk"
+
+
+if CONFIG.authors:
+
+    rule authors:  # the authors' checkpoints through the Table 1 rows, without training anything
+        input:
+            [at_scale(run_dir(f"evaluate_{row}")) for row in RELEASED_ROWS],
 
 
 onstart:

@@ -15,6 +15,23 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The end-to-end runs first, longest first: `make test` runs the suite on two pytest-xdist workers
+# (-n 2 --dist loadgroup --no-loadscope-reorder), which take tests in this order, so the two
+# longest start at once and the short tests fill in around them.
+FIRST = (
+    "test_snakemake_runs_the_rehearsal_scale",
+    "test_dvc_exp_run_runs_the_smoke_scale",
+    "test_sigterm_then_sigkill_then_resume",
+    "test_smoke_scale_runs_through_the_slurm_profile",
+)
+
+
+def pytest_collection_modifyitems(items):
+    def rank(item):
+        return next((i for i, name in enumerate(FIRST) if item.name.startswith(name)), len(FIRST))
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
 
 @pytest.fixture(scope="session", autouse=True)
 def _tracking_store(tmp_path_factory):

@@ -30,6 +30,53 @@ def test_paper_scale_holds_section_4_hyperparameters(raw):
     assert paper.base.pretrained == "stabilityai/stable-diffusion-2-1-base"
 
 
+# What the rehearsal may change of the paper block: sizes (of data, batches and jobs), step counts,
+# job splits, input paths. GPUs and nodes per job stay the paper's.
+REHEARSAL_MAY_DIFFER = (
+    "corpus.num_eval_captions", "filter.min_side", "download.resolution", "download.processes", "download.threads",
+    "download.shard_size", "encode.batch", "encode.shard_size", "train.global_batch", "train.max_per_device_batch",
+    "sample.num_images", "sample.batch", "evaluate.batch",  # sizes
+    "train.mse.num_steps", "train.sp.num_steps", "train.log_every_steps", "train.preview_every_steps",
+    "train.checkpoint_every_steps",  # step counts
+    "download.num_jobs", "encode.num_jobs", "sample.num_jobs",  # job splits
+    "corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained",
+    "featnet.inception_weights", "authors.mse", "authors.sp",  # input paths
+    *(f"resources.{command}.{size}" for command in ("default", "corpus", "filter", "download", "base", "featnet", "encode",
+      "train", "freeze", "sample", "evaluate", "report") for size in ("cpus", "mem_mb", "runtime_min")),  # job sizes
+)
+
+
+def _leaves(block: dict, prefix: str = "") -> dict:
+    leaves = {}
+    for key, value in block.items():
+        if isinstance(value, dict):
+            leaves.update(_leaves(value, f"{prefix}{key}."))
+        else:
+            leaves[f"{prefix}{key}"] = value
+    return leaves
+
+
+def _differences(first: dict, second: dict) -> set[str]:
+    a, b = _leaves(first), _leaves(second)
+    return {key for key in a.keys() | b.keys() if a.get(key, "<absent>") != b.get(key, "<absent>")}
+
+
+def test_rehearsal_differs_from_paper_only_in_sizes_steps_splits_and_paths(raw):
+    differences = _differences(raw["paper"], raw["rehearsal"])
+    assert differences - set(REHEARSAL_MAY_DIFFER) == set(), "the rehearsal must follow the paper scale"
+    assert {"train.mse.num_steps", "base.pretrained", "featnet.inception_weights"} <= differences
+    # Each key, once resolved by the schema, too: a default the paper block leaves out counts.
+    resolved = validate_params(raw)
+    assert _differences(resolved["paper"].model_dump(), resolved["rehearsal"].model_dump()) - set(REHEARSAL_MAY_DIFFER) == set()
+
+
+def test_the_comparison_catches_a_changed_method_setting(raw):
+    changed = copy.deepcopy(raw)
+    changed["rehearsal"]["train"]["ema_decay"] = 0.999
+    changed["rehearsal"]["train"]["sp"]["layer"] = "encoder"
+    assert _differences(changed["paper"], changed["rehearsal"]) - set(REHEARSAL_MAY_DIFFER) == {"train.ema_decay", "train.sp.layer"}
+
+
 def test_unknown_key_is_named(raw):
     bad = copy.deepcopy(raw)
     bad["smoke"]["train"]["learning_rat"] = 1.0

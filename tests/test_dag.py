@@ -1,8 +1,11 @@
 """One DAG: Snakemake's rules and DVC's stages agree in names, commands, deps, params and outputs."""
 
 import json
+import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -83,31 +86,46 @@ def test_dag_comparison_notices_a_hand_edit(tmp_path):
         test_snakemake_and_dvc_dags_are_identical(copy)
 
 
-def test_paper_scale_names_each_missing_external_input(repo):
+def test_paper_scale_names_each_missing_external_input_and_where_to_get_it(repo):
     result = subprocess.run(
         [sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], cwd=repo, capture_output=True, text=True, timeout=300, check=False
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained"):
-        assert key in output
+    for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained", "authors.mse", "authors.sp"):
+        assert f"{key}: " in output
+    assert re.search(r"featnet.inception_weights: \S+ is not there\. Get it from https://github.com/toshas/torch-fidelity/releases/\S+\.pth", output)
+    assert "http://images.cocodataset.org/zips/val2014.zip" in output
+
+
+def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
+    """``folder`` as the Hugging Face cache holds a downloaded model (refs/main -> a snapshot)."""
+    model = cache / f"models--{repo_id.replace('/', '--')}"
+    shutil.copytree(folder, model / "snapshots" / ("0" * 40))
+    (model / "refs").mkdir()
+    (model / "refs" / "main").write_text("0" * 40)
 
 
 def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
+    """The rehearsal's inputs, in the real formats, where the paper block looks for its own: local
+    paths for the data and Inception's weights, the Hugging Face cache for the hub models."""
     copy = copy_repository(tmp_path)
-    params = yaml.safe_load((copy / "params.yaml").read_text())
+    run([sys.executable, "-m", "selfperceptual.rehearsal", "data/rehearsal"], copy)
+    paper, rehearsal = (load_params(copy / "params.yaml", scale)[1] for scale in ("paper", "rehearsal"))
     for key in ("laion_parquet", "coco_captions", "coco_images"):
-        path = copy / params["paper"]["corpus"][key]
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.mkdir() if key == "coco_images" else path.write_text("")
-    weights = copy / "weights" / "sd21-base"
-    weights.mkdir(parents=True)
-    params["paper"]["base"]["pretrained"] = str(weights)
-    (copy / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy)
-    for stage in build_stages(load_params(copy / "params.yaml", "paper")[1]):
-        assert stage.name in result.stdout
-    assert "runs/paper/report" in result.stdout
+        (copy / getattr(paper.corpus, key)).parent.mkdir(parents=True, exist_ok=True)
+        (copy / getattr(paper.corpus, key)).symlink_to((copy / getattr(rehearsal.corpus, key)).resolve())
+    (copy / paper.featnet.inception_weights).parent.mkdir(parents=True)
+    (copy / paper.featnet.inception_weights).symlink_to((copy / rehearsal.featnet.inception_weights).resolve())
+    cache = tmp_path / "hub"
+    for repo_id, folder in ((paper.base.pretrained, rehearsal.base.pretrained), (paper.authors.mse, rehearsal.authors.mse), (paper.authors.sp, rehearsal.authors.sp)):
+        _hub_cache(cache, repo_id, copy / folder)
+    result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    stages = build_stages(paper)
+    for stage in stages:
+        assert f"rule {stage.name}:" in result.stdout
+    assert re.search(rf"^total\s+{len(stages) + 1}$", result.stdout, re.MULTILINE)  # every stage, and `all`
+    assert {"authors_mse", "authors_sp", "evaluate_authors_sp_s50"} <= {stage.name for stage in stages}
 
 
 def test_a_bad_params_key_stops_snakemake_before_any_job(tmp_path):

@@ -1,26 +1,51 @@
-"""FID and Inception Score: identities, and a feature network that learns the corpus labels."""
+"""FID, IS and precision/recall through torch-fidelity; the reference set; the Inception-v3 path
+with a local weights file; a feature network that learns the corpus labels."""
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from selfperceptual.evaluation import TinyFeatureNet, frechet_distance, gaussian_stats, inception_score
+from selfperceptual.device import runtime
+from selfperceptual.evaluation import (
+    InceptionExtractor,
+    TinyFeatureNet,
+    extract,
+    inception_score,
+    load_extractor,
+    metrics,
+    reference_images,
+    save_extractor,
+    save_reference,
+)
 
 
-def test_fid_is_zero_for_identical_statistics_and_grows_with_shift():
+def _reference(features, tmp_path):
+    from safetensors.torch import load_file
+
+    save_reference(features, tmp_path / "reference.safetensors")
+    return load_file(tmp_path / "reference.safetensors")
+
+
+def test_metrics_of_identical_features_and_of_shifted_ones(tmp_path):
     features = torch.randn(500, 8, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    stats = gaussian_stats(features)
-    assert frechet_distance(stats, stats) == pytest.approx(0.0, abs=1e-6)
-    near = frechet_distance(stats, gaussian_stats(features + 0.1))
-    far = frechet_distance(stats, gaussian_stats(features + 1.0))
-    assert near == pytest.approx(8 * 0.1**2, rel=1e-3)
-    assert far == pytest.approx(8.0, rel=1e-3) and far > near
+    logits = torch.randn(500, 10, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    reference = _reference(features, tmp_path)
+    same = metrics(features, logits, reference, is_splits=2)
+    assert same["fid"] == pytest.approx(0.0, abs=1e-5)
+    assert same["precision"] == same["recall"] == 1.0
+    near, far = metrics(features + 0.1, logits, reference, 2), metrics(features + 1.0, logits, reference, 2)
+    assert near["fid"] == pytest.approx(8 * 0.1**2, rel=1e-3)
+    assert far["fid"] == pytest.approx(8.0, rel=1e-3)
+    assert far["precision"] < near["precision"] and far["recall"] < near["recall"]
 
 
-def test_fid_matches_closed_form_for_scaled_covariance():
+def test_fid_matches_closed_form_for_scaled_covariance(tmp_path):
     features = torch.randn(4000, 4, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    a, b = gaussian_stats(features), gaussian_stats(2 * features)
+    reference = _reference(features, tmp_path)
     # Tr(S + 4S - 2 * 2S) = Tr(S) for S_b = 4 S_a
-    assert frechet_distance(a, b) == pytest.approx(a["sigma"].trace().item() + (a["mu"] - b["mu"]).pow(2).sum().item(), rel=1e-6)
+    expected = reference["sigma"].trace().item() + (features.mean(0) - 2 * features.mean(0)).pow(2).sum().item()
+    assert metrics(2 * features, torch.zeros(4000, 3), reference, 1)["fid"] == pytest.approx(expected, rel=1e-6)
 
 
 def test_inception_score_bounds():
@@ -31,10 +56,54 @@ def test_inception_score_bounds():
     assert inception_score(collapsed, 1)[0] == pytest.approx(1.0, rel=1e-3)
 
 
-def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
-    import numpy as np
-    from PIL import Image
+def test_reference_images_are_distinct_and_centre_cropped_not_squashed(tmp_path):
+    pixels = np.zeros((40, 80, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)  # red bars at the sides of a wide image: a centre crop removes them
+    pixels[:, 60:] = (255, 0, 0)
+    pixels[:, 20:60] = (0, 0, 255)
+    Image.fromarray(pixels).save(tmp_path / "wide.png")
+    Image.fromarray(np.full((30, 30, 3), 128, np.uint8)).save(tmp_path / "square.png")
+    paths = [str(tmp_path / "wide.png"), str(tmp_path / "square.png"), str(tmp_path / "wide.png")]
+    images = reference_images(paths, 16)
+    assert len(images) == 2 and all(image.size == (16, 16) for image in images)
+    corners = np.asarray(images[0])[[0, 0, -1, -1], [0, -1, 0, -1]]
+    assert (corners[:, 2] > 200).all() and (corners[:, 0] < 50).all()  # blue to the edges: no squashed red
 
+
+@pytest.fixture(scope="module")
+def inception_weights(tmp_path_factory):
+    from selfperceptual.rehearsal import INCEPTION_FILE, write_inception_weights
+
+    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
+    write_inception_weights(path, seed=0)
+    return path
+
+
+def test_inception_from_a_local_weights_file_gives_informative_features(inception_weights, tmp_path):
+    from types import SimpleNamespace
+
+    from selfperceptual.data.corpus import random_scene, render
+
+    rng = np.random.default_rng(3)
+    images = [render(random_scene(rng), 48, 48, 7.0, rng) for _ in range(12)]
+    save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(inception_weights)))
+    device = runtime("fp32")
+    features, logits = extract(load_extractor(tmp_path, device), images, 5, device)
+    assert features.shape == (12, 2048) and logits.shape == (12, 1008)
+    assert features.std(0).mean() > 0.05 * features.abs().mean()  # images differ in feature space
+    assert inception_score(logits, 1)[0] > 1.5
+    again, _ = extract(InceptionExtractor(inception_weights), images[:5], 5, device)
+    assert torch.allclose(again, features[:5])
+
+
+def test_missing_inception_weights_name_the_path_and_the_url(tmp_path):
+    from types import SimpleNamespace
+
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*https://github\.com/toshas/torch-fidelity/releases/.*weights-inception-2015-12-05-6726825d\.pth"):
+        save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(tmp_path / "nowhere.pth")))
+
+
+def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
     from selfperceptual.data.corpus import NUM_CLASSES, make_heldout_split
     from selfperceptual.data.shards import to_tensor
     from selfperceptual.evaluation import train_feature_net

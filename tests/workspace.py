@@ -40,8 +40,9 @@ def environment() -> dict[str, str]:
     return env
 
 
-def run(command: list[str], cwd: Path, timeout: int = 900, check: bool = True) -> subprocess.CompletedProcess:
-    result = subprocess.run(command, cwd=cwd, env=environment(), capture_output=True, text=True, timeout=timeout, check=False)
+def run(command: list[str], cwd: Path, timeout: int = 900, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Runs ``command`` in ``cwd`` with the test environment (plus ``env``); fails with its output."""
+    result = subprocess.run(command, cwd=cwd, env={**environment(), **(env or {})}, capture_output=True, text=True, timeout=timeout, check=False)
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(command)} failed ({result.returncode}):\n{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
     return result

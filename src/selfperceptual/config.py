@@ -13,7 +13,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCALES = ("smoke", "local", "paper")
+SCALES = ("smoke", "local", "rehearsal", "paper")
 
 
 class Section(BaseModel):
@@ -143,13 +143,21 @@ class TrainConfig(Section):
 
 class FeatNetConfig(Section):
     """The evaluation feature network: ``tiny`` is trained on held-out real corpus images,
-    ``inception`` is clean-fid's Inception-v3 (paper scale)."""
+    ``inception`` is torch-fidelity's Inception-v3 with the weights file ``inception_weights``
+    (paper scale; README says where to get it)."""
 
     kind: Literal["tiny", "inception"]
     train_steps: int = Field(ge=0)
     batch: int = Field(gt=0)
     learning_rate: float = Field(gt=0)
     feature_dim: int = Field(gt=0)
+    inception_weights: str | None = None
+
+    @model_validator(mode="after")
+    def _weights_named(self):
+        if self.kind == "inception" and not self.inception_weights:
+            raise ValueError("kind 'inception' needs inception_weights: the path of torch-fidelity's Inception-v3 weights file")
+        return self
 
 
 class SampleConfig(Section):
@@ -165,6 +173,14 @@ class EvaluateConfig(Section):
     is_splits: int = Field(gt=0)
     batch: int = Field(gt=0)
     precision: Precision  # of the feature network when it extracts features (featnet and evaluate)
+
+
+class AuthorsConfig(Section):
+    """The authors' released checkpoints (hub ids or local folders), sampled and evaluated with
+    the Table 1 rows of their objective; absent at the small scales."""
+
+    mse: str
+    sp: str
 
 
 class ReportConfig(Section):
@@ -214,6 +230,7 @@ class ScaleConfig(Section):
     evaluate: EvaluateConfig
     report: ReportConfig
     resources: ResourcesConfig
+    authors: AuthorsConfig | None = None
 
 
 class ParamsError(ValueError):

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_params
-from .experiments import FREEZES, SAMPLE_ROWS, TRAIN_RUNS
+from .experiments import FREEZES, RELEASED_MODELS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
 
 PARAMS_FILE = "params.yaml"
 PAPER_RESULTS = "workflow/paper_results.yaml"
@@ -82,7 +82,8 @@ def build_stages(config) -> list[Stage]:
         _stage("corpus", "corpus", {}, ("corpus", "download.resolution")),
         _stage("filter", "filter", {"corpus": ["corpus"]}, ("filter",)),
         *downloads,
-        _stage("base", "base", {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
+        # A pretrained base model needs no downloaded images (the tiny one trains its VAE on them).
+        _stage("base", "base", {} if config.base.pretrained else {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
         _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate", "corpus.seed", "download.resolution")),
         *encodes,
     ]
@@ -96,8 +97,14 @@ def build_stages(config) -> list[Stage]:
         stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}"), extra))
     for name, source in FREEZES.items():
         stages.append(_stage(name, "freeze", {"model": [source]}, ()))
+    rows = list(SAMPLE_ROWS.values())
+    if config.authors:  # the authors' checkpoints, imported as base models are
+        for model in RELEASED_MODELS.values():
+            path = getattr(config.authors, model.objective)
+            stages.append(_stage(model.name, "base", {}, ("schedule", f"authors.{model.objective}"), f"--set base.pretrained={path}"))
+        rows += RELEASED_ROWS.values()
     evaluations, samples = [], []
-    for row in SAMPLE_ROWS.values():
+    for row in rows:
         parts = _split(
             f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
         )
@@ -121,18 +128,41 @@ def param_values(block: dict, keys: tuple[str, ...]) -> dict:
     return values
 
 
+# Where each external input of the paper scale comes from (README: the paper scale).
+SOURCES = {
+    "corpus.laion_parquet": "LAION-Aesthetics V2 6+ metadata: the parquet files of the Hugging Face dataset "
+    "ChristophSchuhmann/improved_aesthetics_6plus, concatenated",
+    "corpus.coco_captions": "annotations/captions_val2014.json of http://images.cocodataset.org/annotations/annotations_trainval2014.zip",
+    "corpus.coco_images": "the val2014/ folder of http://images.cocodataset.org/zips/val2014.zip",
+    "base.pretrained": "hf download stabilityai/stable-diffusion-2-1-base (or a local copy of its folder)",
+    "authors.mse": "hf download ByteDance/sd2.1-base-zsnr-laionaes6",
+    "authors.sp": "hf download ByteDance/sd2.1-base-zsnr-laionaes6-perceptual",
+}
+
+
 def missing_external_inputs(config) -> list[str]:
-    """External inputs a scale names that are not on this machine (the paper scale's data)."""
-    missing = []
+    """Each external input a scale names that is not on this machine, with where to get it."""
+    paths, models = {}, {}
     if config.corpus.source == "external":
-        for key in ("laion_parquet", "coco_captions", "coco_images"):
-            path = getattr(config.corpus, key)
-            if not path or not Path(path).exists():
-                missing.append(f"corpus.{key}: {path} (LAION-Aesthetics metadata / MSCOCO-2014 val)")
-    pretrained = config.base.pretrained
-    if pretrained and not Path(pretrained).exists() and not _in_hub_cache(pretrained):
-        missing.append(f"base.pretrained: {pretrained} (not a local folder, and not in the Hugging Face cache)")
-    return missing
+        paths.update({f"corpus.{key}": getattr(config.corpus, key) for key in ("laion_parquet", "coco_captions", "coco_images")})
+    if config.featnet.kind == "inception":
+        paths["featnet.inception_weights"] = config.featnet.inception_weights
+    if config.base.pretrained:
+        models["base.pretrained"] = config.base.pretrained
+    if config.authors:
+        models.update({"authors.mse": config.authors.mse, "authors.sp": config.authors.sp})
+    missing = [key for key, path in paths.items() if not path or not Path(path).exists()]
+    missing += [key for key, name in models.items() if not Path(name).exists() and not _in_hub_cache(name)]
+    values = {**paths, **models}
+    return [f"{key}: {values[key]} is not there. Get it from {_source(key)}" for key in missing]
+
+
+def _source(key: str) -> str:
+    if key == "featnet.inception_weights":  # torch-fidelity owns the address (imported only when needed)
+        from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
+
+        return f"{URL_INCEPTION_V3} (torch-fidelity's Inception-v3 weights)"
+    return SOURCES[key]
 
 
 def _in_hub_cache(repo_id: str) -> bool:

@@ -1,26 +1,40 @@
-"""FID and Inception Score over the features of an evaluation network.
+"""FID, Inception Score and precision/recall, computed by torch-fidelity over an evaluation network's features.
 
-At the small scales the network is ``TinyFeatureNet``, a classifier trained on held-out real
-corpus images (labels: shape x colour); its penultimate layer stands where Inception-v3's pool3
-stands, its logits where Inception's do. At the paper scale it is Inception-v3 as torch-fidelity
-ships it (imported lazily: torchvision-based packages do not import in the CPU environment).
+The metrics' arithmetic is torch-fidelity's (``fid_statistics_to_metric``, ``isc_features_to_metric``,
+``prc_features_to_metric``) at every scale; only the feature network changes. At the paper scale
+it is Inception-v3 as torch-fidelity defines it (``inception-v3-compat``: TF1-compatible bilinear
+resize to 299 inside the network; pool3 features, unbiased logits), with weights read from the
+local file ``featnet.inception_weights`` names. At the small scales it is ``TinyFeatureNet``, a
+classifier trained on held-out real corpus images (labels: shape x colour): its penultimate layer
+stands where Inception's pool3 stands, its logits where Inception's do.
+
+The reference set (``reference_images``): the distinct real images of the eval captions, each
+once, centre-cropped to a square and resized to the generated images' resolution with PIL's
+bicubic filter (never squashed), so real and generated images reach the network alike.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import os
+import shutil
 from pathlib import Path
 
-import numpy as np
-import scipy.linalg
 import torch
+from PIL import Image, ImageOps
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
 from tqdm import tqdm
 
 from .data.shards import to_tensor
 from .device import Runtime, runtime
+
+INCEPTION_FILE = "inception-v3.pth"  # the featnet folder's copy of featnet.inception_weights
 
 
 class TinyFeatureNet(nn.Module):
@@ -77,65 +91,96 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
 
 
 class InceptionExtractor(nn.Module):
-    """Inception-v3 pool3 features and logits, as torch-fidelity computes them (paper scale)."""
+    """Inception-v3 pool3 features and unbiased logits, as torch-fidelity computes them (paper scale)."""
 
-    def __init__(self):
+    def __init__(self, weights: Path):
         super().__init__()
-        try:
-            from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-        except Exception as error:  # ImportError, or torchvision's operator error on CPU-only torch
-            raise SystemExit(
-                "featnet.kind 'inception' needs torch-fidelity with a working torchvision "
-                f"(pip install torch-fidelity on a CUDA machine): {error}"
-            ) from error
-        self.network = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"]).eval()
+        check_inception_weights(weights)
+        self.network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+        )
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        uint8 = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         features, logits = self.network(uint8)
         return features, logits
 
 
+def check_inception_weights(path) -> None:
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"featnet.inception_weights: {path} is not a file. Download torch-fidelity's Inception-v3 weights "
+            f"({Path(URL_INCEPTION_V3).name}) from {URL_INCEPTION_V3} and name the file in params.yaml"
+        )
+
+
+def save_extractor(out: Path, settings) -> None:
+    """Records which network the featnet folder holds (the tiny one saves itself); Inception's
+    weights are linked or copied in, so the folder is the whole evaluation network."""
+    if settings.kind == "inception":
+        check_inception_weights(settings.inception_weights)
+        try:
+            os.link(settings.inception_weights, out / INCEPTION_FILE)
+        except OSError:  # another filesystem
+            shutil.copyfile(settings.inception_weights, out / INCEPTION_FILE)
+    (out / "extractor.json").write_text(json.dumps({"kind": settings.kind}))
+
+
 def load_extractor(folder: Path, device: Runtime):
-    """The evaluation network a featnet stage's folder describes, on ``device``."""
+    """The evaluation network a featnet stage's folder holds, on ``device``."""
     kind = json.loads((folder / "extractor.json").read_text())["kind"]
-    return device.place(TinyFeatureNet.load(folder) if kind == "tiny" else InceptionExtractor())
+    if kind == "tiny":
+        return device.place(TinyFeatureNet.load(folder))
+    if device.dtype != torch.float32:
+        raise ValueError("evaluate.precision must be fp32 with Inception-v3 (torch-fidelity computes it in fp32)")
+    return InceptionExtractor(folder / INCEPTION_FILE).to(device.device).eval()
+
+
+def reference_images(paths: list[str], resolution: int) -> list[Image.Image]:
+    """The distinct images of ``paths`` (first occurrence order), centre-cropped and resized to
+    ``resolution`` x ``resolution`` with PIL's bicubic filter."""
+    return [
+        ImageOps.fit(Image.open(path).convert("RGB"), (resolution, resolution), Image.BICUBIC)
+        for path in dict.fromkeys(paths)
+    ]
 
 
 @torch.no_grad()
 def extract(extractor, images, batch: int, device: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
     """Features and logits of a list of PIL images, computed on ``device``, returned as float64 on the CPU."""
     features, logits = [], []
-    for start in range(0, len(images), batch):
+    for start in tqdm(range(0, len(images), batch), desc="features", mininterval=10):
         batch_features, batch_logits = extractor(device.tensor(to_tensor(images[start : start + batch])))
         features.append(batch_features.cpu().double())
         logits.append(batch_logits.cpu().double())
     return torch.cat(features), torch.cat(logits)
 
 
-def gaussian_stats(features: torch.Tensor) -> dict[str, torch.Tensor]:
-    array = features.numpy()
-    return {"mu": torch.from_numpy(array.mean(0)), "sigma": torch.from_numpy(np.cov(array, rowvar=False))}
+def save_reference(features: torch.Tensor, path: Path) -> None:
+    """The real images' features (for precision/recall) and their Gaussian statistics (for FID)."""
+    stats = fid_features_to_statistics(features)
+    save_file(
+        {"features": features.float().contiguous(), "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"])},
+        path,
+    )
 
 
-def frechet_distance(a: dict, b: dict) -> float:
-    """||mu_a - mu_b||^2 + Tr(S_a + S_b - 2 (S_a S_b)^1/2), as in Heusel et al. and clean-fid."""
-    mu_a, mu_b = a["mu"].numpy(), b["mu"].numpy()
-    sigma_a, sigma_b = a["sigma"].numpy(), b["sigma"].numpy()
-    covmean = scipy.linalg.sqrtm(sigma_a @ sigma_b)
-    if not np.isfinite(covmean).all():  # singular product: regularise as clean-fid does
-        offset = np.eye(len(sigma_a)) * 1e-6
-        covmean = scipy.linalg.sqrtm((sigma_a + offset) @ (sigma_b + offset))
-    covmean = covmean.real
-    return float(((mu_a - mu_b) ** 2).sum() + np.trace(sigma_a) + np.trace(sigma_b) - 2 * np.trace(covmean))
+def metrics(features: torch.Tensor, logits: torch.Tensor, reference: dict[str, torch.Tensor], is_splits: int) -> dict[str, float]:
+    """FID against the reference statistics, IS (torch-fidelity's defaults: shuffled with seed
+    2020, ``is_splits`` parts), and precision/recall with k = 3 against the reference features."""
+    real = {"mu": reference["mu"].numpy(), "sigma": reference["sigma"].numpy()}
+    fid = fid_statistics_to_metric(fid_features_to_statistics(features.double()), real, verbose=False)
+    score, score_std = inception_score(logits, is_splits)
+    prc = prc_features_to_metric(features.float(), reference["features"].float(), verbose=False)
+    return {
+        "fid": fid[KEY_METRIC_FID],
+        "is": score,
+        "is_std": score_std,
+        "precision": prc[KEY_METRIC_PRECISION],
+        "recall": prc[KEY_METRIC_RECALL],
+    }
 
 
 def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
-    """exp(E_x KL(p(y|x) || p(y))), mean and std over ``splits`` disjoint parts (Salimans et al.)."""
-    probs = torch.softmax(logits.double(), dim=1)
-    scores = []
-    for part in probs.chunk(splits):
-        marginal = part.mean(0, keepdim=True)
-        kl = (part * (torch.log(part + 1e-12) - torch.log(marginal + 1e-12))).sum(1).mean()
-        scores.append(torch.exp(kl).item())
-    return float(np.mean(scores)), float(np.std(scores))
+    score = isc_features_to_metric(logits.double(), splits=splits)
+    return score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]

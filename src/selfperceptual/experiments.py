@@ -32,11 +32,11 @@ class SampleRow:
 
     @property
     def conditioning(self) -> str:
-        return TRAIN_RUNS[self.model].conditioning
+        return MODELS[self.model].conditioning
 
     @property
     def objective(self) -> str:
-        return TRAIN_RUNS[self.model].objective
+        return MODELS[self.model].objective
 
     @property
     def nfe(self) -> int:
@@ -78,6 +78,20 @@ ABLATION_RUNS = (
 )
 
 TRAIN_RUNS = {run.name: run for run in (*MAIN_RUNS, *ABLATION_RUNS)}
+
+
+@dataclass(frozen=True)
+class ReleasedModel:
+    """The authors' published checkpoint of one objective (params.yaml ``authors``), imported by
+    the base stage as a starting model is, and sampled with our DDIM."""
+
+    name: str  # the import stage's name and output folder
+    objective: str  # mse | sp: the key of params.yaml's ``authors`` block
+    conditioning: str = "text"
+
+
+RELEASED_MODELS = {model.name: model for model in (ReleasedModel("authors_mse", "mse"), ReleasedModel("authors_sp", "sp"))}
+MODELS = {**TRAIN_RUNS, **RELEASED_MODELS}  # every model a sampling row can name
 
 # freeze stage -> the training stage it copies.
 FREEZES = {"freeze": "train_mse", "freeze_uncond": "train_mse_uncond", "freeze_sp": "train_sp"}
@@ -190,6 +204,13 @@ TABLES = {
         (TableEntry("uncond_mse_s25", {"loss": "mse"}), TableEntry("uncond_sp_s25", {"loss": "sp"})),
     ),
 }
+
+# The authors' checkpoints through exactly the Table 1 rows of their objective (params ``authors``).
+RELEASED_ROWS = {
+    f"authors_{row.name}": SampleRow(f"authors_{row.name}", f"authors_{row.objective}", row.steps, row.cfg, row.rescale)
+    for row in (SAMPLE_ROWS[entry.row] for entry in TABLES["table1"].rows if entry.row)
+}
+ALL_ROWS = {**SAMPLE_ROWS, **RELEASED_ROWS}
 
 # Same-seed grids of the report (Fig. 3/4 and Fig. 5): columns, left to right.
 GRIDS = {

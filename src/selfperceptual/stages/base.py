@@ -31,7 +31,10 @@ log = logging.getLogger("base")
 
 
 def add_arguments(parser) -> None:
-    parser.add_argument("--images", type=Path, action="append", required=True, help="a download stage's folder (repeat for each part)")
+    parser.add_argument(
+        "--images", type=Path, action="append", default=[],
+        help="a download stage's folder (repeat for each part); the tiny model needs them, base.pretrained does not",
+    )
 
 
 def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
@@ -71,7 +74,7 @@ def latent_scaling_factor(vae, images: torch.Tensor) -> float:
 def build_tiny(config, resolution: int, images_dirs: list[Path]) -> dict:
     samples = list(iter_samples(images_dirs))
     if not samples:
-        raise SystemExit(f"base: no images in {', '.join(map(str, images_dirs))}")
+        raise SystemExit(f"base: base.pretrained is null, so the tiny model trains its VAE on --images, and there are none in {images_dirs}")
     captions = [caption for _, _, caption in samples]
     images = to_tensor([image for _, image, _ in samples])
     tokenizer = build_tokenizer(captions, config.text.max_length)

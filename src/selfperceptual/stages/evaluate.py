@@ -1,4 +1,4 @@
-"""evaluate: FID and Inception Score of one sampling row against the real eval images."""
+"""evaluate: FID, Inception Score and precision/recall of one sampling row against the real reference images."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from safetensors.torch import load_file
 
 from .. import tracking
 from ..device import runtime
-from ..evaluation import extract, frechet_distance, gaussian_stats, inception_score, load_extractor
-from ..experiments import ABLATION_RUNS, SAMPLE_ROWS, TRAIN_RUNS
+from ..evaluation import extract, load_extractor, metrics
+from ..experiments import ABLATION_RUNS, ALL_ROWS
 from ..io import write_json
 from ..sampling import grid, sample_images
 
@@ -26,21 +26,22 @@ def add_arguments(parser) -> None:
 
 def run(args, config, scale, out) -> None:
     sampled, paths = sample_images(args.samples)
-    row = SAMPLE_ROWS[sampled["row"]]
+    row = ALL_ROWS[sampled["row"]]
     images = [Image.open(path).convert("RGB") for path in paths]
     device = runtime(config.evaluate.precision)
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
-    fid = frechet_distance(gaussian_stats(features), load_file(args.featnet / "reference.safetensors"))
-    score, score_std = inception_score(logits, config.evaluate.is_splits)
-    metrics = {"fid": fid, "is": score, "is_std": score_std, "num_images": len(images)}
-    write_json(out / "metrics.json", {"row": row.name, **metrics})
+    scores = {
+        **metrics(features, logits, load_file(args.featnet / "reference.safetensors"), config.evaluate.is_splits),
+        "num_images": len(images),
+    }
+    write_json(out / "metrics.json", {"row": row.name, **scores})
     grid([images[:GRID_IMAGES]]).save(out / "samples.png")
     tags = {
         "kind": "evaluate",
         "row": row.name,
         "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
         "model": row.model,
-        "ablation": row.model.removeprefix("train_sp_") if TRAIN_RUNS[row.model] in ABLATION_RUNS else "none",
+        "ablation": row.model.removeprefix("train_sp_") if row.model in {run.name for run in ABLATION_RUNS} else "none",
         "objective": row.objective,
         "conditioning": row.conditioning,
         "cfg": row.cfg if row.cfg is not None else "none",
@@ -48,12 +49,12 @@ def run(args, config, scale, out) -> None:
         "steps": row.steps,
         "nfe": row.nfe,
     }
-    log.info("evaluate %s: FID %.2f, IS %.2f", row.name, fid, score)
+    log.info("evaluate %s: FID %.2f, IS %.2f, precision %.3f, recall %.3f", row.name, scores["fid"], scores["is"], scores["precision"], scores["recall"])
     return lambda: tracking.log_run(
         scale,
         stage=args.out.name,
         params={"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]},
         tags=tags,
-        metrics=metrics,
+        metrics=scores,
         images=[args.out / "samples.png"],
     )

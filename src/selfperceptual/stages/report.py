@@ -42,15 +42,23 @@ def paper_entry(paper_rows: list[dict], key: dict) -> dict:
 
 
 def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[str, list[list[str]]]:
-    """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —."""
+    """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —.
+    Where the authors' checkpoints were evaluated (rows ``authors_<row>``), Table 1 shows them too."""
     tables = {}
     for name, table in TABLES.items():
-        rows = [[column.replace("_", " ").capitalize() for column in table.columns] + ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]]
+        released = name == "table1" and any(f"authors_{entry.row}" in metrics for entry in table.rows)
+        header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
+        header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
+        rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
         for entry in table.rows:
             theirs = paper_entry(paper[name], entry.paper)
             ours = {"fid": 0.0, "is": real_is} if entry.row is None else metrics.get(entry.row, {})
             settings = [_cell(theirs.get(column, entry.paper.get(column))) for column in table.columns]
-            rows.append(settings + [_fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))])
+            cells = [_fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))]
+            if released:
+                checkpoint = metrics.get(f"authors_{entry.row}", {}) if entry.row else {}
+                cells += [_fmt(checkpoint.get("fid")), _fmt(checkpoint.get("is"))]
+            rows.append(settings + cells)
         tables[name] = rows
     return tables
 
@@ -100,10 +108,13 @@ def run(args, config, scale, out) -> None:
     tables = build_tables(metrics, paper, real_is)
     count = min(config.report.grid_images, config.sample.num_images)
     grids = make_grids(sampled, count, out)
+    caveat = {
+        "paper": "",
+        "rehearsal": " The rehearsal's models and Inception weights are random stand-ins: its numbers test the code paths, not the method.",
+    }.get(scale, " Small-scale numbers are not on the paper's absolute scale; compare the directions (SP vs MSE, CFG vs none) and the gaps.")
     intro = (
         f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
-        f"`{config.featnet.kind}` feature network. Small-scale numbers are not on the paper's "
-        "absolute scale; compare the directions (SP vs MSE, CFG vs none) and the gaps."
+        f"`{config.featnet.kind}` feature network.{caveat}"
     )
     md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
     page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",

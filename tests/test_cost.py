@@ -1,0 +1,40 @@
+"""The cost table: FLOPs counted on SD 2.1-base's real architectures, and the paper's time limits
+that follow from them."""
+
+import pytest
+
+from selfperceptual.cost import MARGIN, PEAK_BF16_TFLOPS, estimate, network_flops, time_limits, train_flops_per_image
+
+
+@pytest.fixture(scope="module")
+def paper(repo):
+    from selfperceptual.config import load_params
+
+    return load_params(repo / "params.yaml", "paper")[1]
+
+
+def test_counts_match_the_known_shape_of_the_sp_step():
+    counts = network_flops(512)
+    assert 0.75e12 < counts["unet_forward"] < 0.85e12  # SD 2.1-base's UNet at 64x64 latents, 77 tokens
+    assert counts["unet_train"] == pytest.approx(3 * counts["unet_forward"], rel=0.02)  # forward + two backward matmuls
+    # DESIGN: f* up to the mid block costs about 0.3 of a full forward
+    assert 0.2 < counts["frozen_forward"] / counts["unet_forward"] < 0.45
+    mse, sp = train_flops_per_image(512, "mse", "midblock"), train_flops_per_image(512, "sp", "midblock")
+    assert 1.2 < sp / mse < 1.5
+    assert train_flops_per_image(512, "sp", "decoder") > sp  # the decoder ablation keeps the up blocks
+
+
+def test_paper_time_limits_follow_from_the_cost_table(paper):
+    jobs = estimate(paper, PEAK_BF16_TFLOPS["a100"], 0.3, 3_000_000, None)
+    limits = time_limits(jobs)
+    for command, minutes in limits.items():
+        assert paper.resources.of(command).runtime_min == minutes, command
+    slowest = max(job.hours_per_job for job in jobs if job.command == "train")
+    assert limits["train"] >= slowest * MARGIN * 60
+
+
+def test_a_measured_throughput_replaces_the_flop_estimate(paper):
+    measured = {job.stage: job for job in estimate(paper, PEAK_BF16_TFLOPS["h100"], 0.3, 3_000_000, measured_images_per_s=50.0)}
+    steps = paper.train.mse.num_steps * paper.train.global_batch
+    assert measured["train_mse"].gpu_hours == pytest.approx(steps / 50.0 / 3600)
+    assert measured["train_sp"].gpu_hours > measured["train_mse"].gpu_hours * paper.train.sp.num_steps / paper.train.mse.num_steps
