@@ -122,7 +122,7 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
 def test_dvc_exp_run_runs_the_smoke_scale(tmp_path):
     copy = copy_repository(tmp_path)
     assert yaml.safe_load((copy / "params.yaml").read_text())["scale"] == "local"
-    run([sys.executable, "-m", "dvc", "exp", "run", "-S", "scale=smoke"], copy, timeout=1200)
+    run([sys.executable, "-m", "dvc", "exp", "run", "-S", "scale=smoke"], copy, timeout=2400)  # shares the CPUs with the rehearsal run
     check_outputs_and_runs(copy)
     assert not (copy / "runs" / "local").exists()
     lock = yaml.safe_load((copy / "dvc.lock").read_text())

@@ -39,6 +39,31 @@ def test_parallel_jobs_share_one_sqlite_store(tmp_path, monkeypatch):
     assert os.environ[tracking.EXECUTION_ENV] == "test-execution"
 
 
+def _log_at_once(barrier, results, index):
+    barrier.wait()  # every writer meets the fresh database at the same moment
+    results.put(_log(index))
+
+
+@pytest.mark.parametrize("writers", [8, 16])
+def test_a_fresh_database_survives_parallel_first_writers(tmp_path, monkeypatch, writers):
+    """No Snakemake onstart before them (DVC's queued experiments, stages run by hand): the first
+    process creates the schema and the experiment under the store's file lock, the rest wait."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    context = multiprocessing.get_context("fork")
+    barrier, results = context.Barrier(writers), context.Queue()
+    processes = [context.Process(target=_log_at_once, args=(barrier, results, index)) for index in range(writers)]
+    for process in processes:
+        process.start()
+    for process in processes:
+        process.join(timeout=300)
+    assert [process.exitcode for process in processes] == [0] * writers
+    assert len({results.get(timeout=5) for _ in range(writers)}) == writers
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
+    assert sorted(runs["metrics.fid"]) == [float(i) for i in range(writers)]
+
+
 @pytest.fixture
 def mlflow_server(tmp_path):
     """A real `mlflow server` on loopback (what jobs on several nodes share instead of SQLite)."""

@@ -9,6 +9,7 @@ tracking store failed, 143 stopped by SIGTERM after a checkpoint (rerun to resum
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
 import subprocess
@@ -61,9 +62,17 @@ def main(argv=None) -> int:
     if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
         args.module.run(args, config, scale, None)
         return 0
-    with atomic_dir(args.out) as out:
-        write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
-        report = args.module.run(args, config, scale, out)
+    try:
+        with atomic_dir(args.out) as out:
+            write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
+            report = args.module.run(args, config, scale, out)
+    except OSError as error:
+        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        where = error.filename or args.out.parent
+        print(f"error: no space left on the device of {where} (disk full or quota reached); "
+              f"{args.out} was not written. Free space there and run the stage again.", file=sys.stderr)
+        return 1
     # A stage may return what it reports to the tracker: it runs once the outputs are in place,
     # so a tracking failure never costs them.
     try:

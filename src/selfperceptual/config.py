@@ -241,11 +241,47 @@ def _describe(error: ValidationError, prefix: str) -> str:
     lines = []
     for item in error.errors():
         key = ".".join(str(part) for part in (prefix, *item["loc"]) if part != "")
+        value = item.get("input")
         if item["type"] == "extra_forbidden":
             lines.append(f"{key}: unknown key")
+        elif isinstance(value, str) and item["type"] in ("float_type", "int_type") and _is_number(value):
+            lines.append(f"{key}: {value!r} is a string to YAML; write it with a dot and a signed exponent, e.g. 3.0e-5")
         else:
-            lines.append(f"{key}: {item['msg']} (got {item.get('input')!r})")
+            lines.append(f"{key}: {item['msg']} (got {value!r})")
     return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys without a word; params.yaml refuses them."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                mark = key_node.start_mark
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml(path: Path):
+    """A YAML file, duplicate keys refused; an error names the file, line and column."""
+    try:
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
+        problem = getattr(error, "problem", None) or str(error)
+        raise ParamsError(f"{where}: invalid YAML: {problem}") from None
 
 
 def validate_params(raw: dict) -> dict[str, ScaleConfig]:
@@ -266,7 +302,7 @@ def validate_params(raw: dict) -> dict[str, ScaleConfig]:
         except ValidationError as error:
             problems.append(_describe(error, name))
     if problems:
-        raise ParamsError("invalid params.yaml:\n" + "\n".join(problems))
+        raise ParamsError("invalid params.yaml: " + "\n".join(problems))  # the first problem on the first line
     return scales
 
 
@@ -276,8 +312,7 @@ def load_params(path: str | Path, scale: str | None = None, overrides: list[str]
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    raw = yaml.safe_load(path.read_text())
-    scales = validate_params(raw)
+    scales = validate_params(raw := read_yaml(path))
     chosen = scale or raw["scale"]
     if chosen not in scales:
         raise ParamsError(f"scale: must be one of {', '.join(SCALES)} (got {chosen!r})")
@@ -293,17 +328,19 @@ def apply_overrides(config: ScaleConfig, overrides: list[str], scale: str = "") 
     block = config.model_dump()
     for override in overrides:
         key, sep, text = override.partition("=")
+        if not sep:
+            raise ParamsError(f"--set {override}: expected KEY=VALUE, e.g. --set train.sp.layer=encoder")
         *parents, leaf = key.split(".")
         section = block
         for part in parents:
             section = section.get(part) if isinstance(section, dict) else None
-        if not sep or not isinstance(section, dict) or leaf not in section:
+        if not isinstance(section, dict) or leaf not in section:
             raise ParamsError(f"--set {override}: no such key in the params block (want dotted.key=value)")
         section[leaf] = yaml.safe_load(text)
     try:
         return ScaleConfig.model_validate(block)
     except ValidationError as error:
-        raise ParamsError("invalid --set:\n" + _describe(error, scale)) from None
+        raise ParamsError("invalid --set: " + _describe(error, scale)) from None
 
 
 def json_schema() -> dict:

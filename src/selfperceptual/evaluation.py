@@ -126,6 +126,17 @@ def save_extractor(out: Path, settings) -> None:
     (out / "extractor.json").write_text(json.dumps({"kind": settings.kind}))
 
 
+def check_featnet(folder: Path) -> None:
+    """A featnet stage's folder holds its network and the reference set's features; names what is not there."""
+    kinds = {"tiny": ("featnet.json", "featnet.safetensors"), "inception": (INCEPTION_FILE,)}
+    if not (folder / "extractor.json").is_file():
+        raise SystemExit(f"--featnet {folder}: no extractor.json; is this a featnet stage's folder? (run its featnet stage)")
+    kind = json.loads((folder / "extractor.json").read_text())["kind"]
+    missing = [name for name in (*kinds[kind], "reference.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise SystemExit(f"--featnet {folder}: {', '.join(missing)} missing; rerun its featnet stage")
+
+
 def load_extractor(folder: Path, device: Runtime):
     """The evaluation network a featnet stage's folder holds, on ``device``."""
     kind = json.loads((folder / "extractor.json").read_text())["kind"]

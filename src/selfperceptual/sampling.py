@@ -42,6 +42,9 @@ def grid(columns: list[list[Image.Image]], pad: int = 2, min_side: int = 0) -> I
 def sample_images(folders: list[Path]) -> tuple[dict, list[Path]]:
     """A sampling row's samples.json and its images in order, from all its parts; an error if
     the parts are not all of one row or leave images out."""
+    for folder in folders:
+        if not (folder / "samples.json").is_file():
+            raise SystemExit(f"--samples {folder}: no samples.json; run its sample stage")
     parts = [read_json(folder / "samples.json") for folder in folders]
     rows = {part["row"] for part in parts}
     if len(rows) != 1:

@@ -9,16 +9,19 @@ a ``TrackingError`` naming the tracking URI, and a rerun reports again.
 The tracking URI is ``MLFLOW_TRACKING_URI`` or ``sqlite:///<cwd>/mlflow.db`` (the repository
 root, where Snakemake and DVC run every stage). Parallel jobs share one SQLite file, so every
 call retries while the database is locked, and ``prepare`` creates the schema and the experiment
-before any job starts (concurrent first use races on the schema migration).
+under a file lock, so whichever process comes first does it and the others wait (the Snakefile
+also calls it before any job starts; DVC and stages run by hand rely on the lock).
 """
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import random
 import time
 import uuid
+from contextlib import contextmanager
 from pathlib import Path
 
 from .io import read_json, write_json
@@ -67,11 +70,22 @@ def execution_id() -> str:
     return os.environ.get(EXECUTION_ENV) or _launcher()
 
 
+_CLIENTS: dict = {}
+
+
 def _client():
+    """This process's client for the tracking URI. Its first use creates or migrates the store's
+    schema, which is done under the store's file lock (``_store_lock``)."""
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri())
-    return mlflow.MlflowClient(tracking_uri())
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    if uri not in _CLIENTS:
+        with _store_lock():
+            client = mlflow.MlflowClient(uri)
+            _retry(client.search_experiments, max_results=1)
+        _CLIENTS[uri] = client
+    return _CLIENTS[uri]
 
 
 def _retry(call, *args, **kwargs):
@@ -87,9 +101,33 @@ def _retry(call, *args, **kwargs):
             time.sleep(random.uniform(0.2, 1.0))
 
 
+@contextmanager
+def _store_lock():
+    """With a SQLite store, an exclusive lock on ``<database>.lock`` while held: the first process
+    creates the schema and the experiment, and the others wait for it (concurrent first use of a
+    fresh database races on MLflow's schema migration and can leave it broken)."""
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:///"):
+        yield
+        return
+    lock = Path(uri.removeprefix("sqlite:///") + ".lock")
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def prepare(scale: str) -> str:
     """Creates the tracking database and the scale's experiment; returns the experiment id."""
     client = _client()
+    with _store_lock():  # one process creates the experiment, the others then find it
+        return _prepare(client, scale)
+
+
+def _prepare(client, scale: str) -> str:
     experiment = _retry(client.get_experiment_by_name, experiment_name(scale))
     if experiment is not None:
         for key, value in EXPERIMENT_KIND.items():

@@ -3,6 +3,34 @@
 from __future__ import annotations
 
 import pandas as pd
+from pandas.api import types
+
+NUMERIC = ("WIDTH", "HEIGHT", "AESTHETIC_SCORE")
+
+
+class MetadataError(ValueError):
+    """A metadata parquet the filter cannot trust; the message names the column."""
+
+
+def check_schema(rows: pd.DataFrame, config, source) -> None:
+    """Columns present with the types the filter and the download read, before anything else runs."""
+    needed = ["URL", "TEXT", *NUMERIC]
+    needed += [name for name, limit in (("punsafe", config.max_punsafe), ("pwatermark", config.max_pwatermark)) if limit is not None]
+    absent = [name for name in needed if name not in rows.columns]
+    if absent:
+        raise MetadataError(f"{source}: missing column(s) {', '.join(absent)} (has {', '.join(map(str, rows.columns))})")
+    for name in (*NUMERIC, *needed[5:]):
+        if not types.is_numeric_dtype(rows[name]):
+            raise MetadataError(f"{source}: column {name} must be numeric (it is {rows[name].dtype})")
+    for name in ("URL", "TEXT"):
+        wrong = rows[name].map(lambda value: value is not None and not isinstance(value, str))
+        if wrong.any():
+            row = int(wrong.idxmax())
+            value = rows[name].iloc[row]
+            raise MetadataError(
+                f"{source}: column {name} must hold text; row {row} holds {type(value).__name__} {value!r:.60}"
+                + (" (bytes: decode them to UTF-8 strings first)" if isinstance(value, bytes) else "")
+            )
 
 
 def filter_rows(rows: pd.DataFrame, config) -> tuple[pd.DataFrame, dict]:
@@ -12,6 +40,7 @@ def filter_rows(rows: pd.DataFrame, config) -> tuple[pd.DataFrame, dict]:
     can add up to more than the rows removed.
     """
     conditions = {
+        "missing_url_or_text": rows["URL"].notna() & rows["TEXT"].notna(),
         "aesthetic": rows["AESTHETIC_SCORE"] > config.min_aesthetic,
         "min_side": rows[["WIDTH", "HEIGHT"]].min(axis=1) > config.min_side,
     }

@@ -85,9 +85,18 @@ class ShardFile:
 
     def __init__(self, path: Path):
         self.fd = os.open(path, os.O_RDONLY)
-        (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
-        header = json.loads(os.pread(self.fd, length, 8))
+        size = os.fstat(self.fd).st_size
+        try:
+            (length,) = struct.unpack("<Q", os.pread(self.fd, 8, 0))
+            header = json.loads(os.pread(self.fd, length, 8))
+            ends = [info["data_offsets"][1] for name, info in header.items() if name != "__metadata__"]
+        except (struct.error, ValueError, KeyError, TypeError) as error:
+            os.close(self.fd)
+            raise ValueError(f"{path}: not a safetensors file ({error})") from None
         self.data_start = 8 + length
+        if size < self.data_start + max(ends, default=0):
+            os.close(self.fd)
+            raise ValueError(f"{path}: truncated ({size} of {self.data_start + max(ends)} bytes)")
         self.tensors = {name: (SAFETENSORS_DTYPES[info["dtype"]], info["shape"], info["data_offsets"][0])
                         for name, info in header.items() if name != "__metadata__"}
 
@@ -112,16 +121,19 @@ class LatentData:
                 self.starts.append(self.starts[-1] + shard["samples"])
         if not self.files:
             raise SystemExit(f"--data {', '.join(map(str, folders))}: no encoded samples")
-        self.empty = load_file(folders[0] / "empty.safetensors")["empty"]
         self._handles: dict[int, ShardFile] = {}
+        for shard, path in enumerate(self.files):  # headers and sizes now, not halfway through training
+            try:
+                self._handles[shard] = ShardFile(path)
+            except ValueError as error:
+                raise SystemExit(f"--data {path.parent}: {error}; rerun its encode stage") from None
+        self.empty = load_file(folders[0] / "empty.safetensors")["empty"]
 
     def __len__(self) -> int:
         return self.starts[-1]
 
     def _rows(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         shard = bisect.bisect_right(self.starts, index) - 1
-        if shard not in self._handles:
-            self._handles[shard] = ShardFile(self.files[shard])
         handle, row = self._handles[shard], index - self.starts[shard]
         return tuple(handle.row(name, row) for name in ("mean", "std", "context"))
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from ..data.shards import count_samples
 from ..io import write_json
 from ..split import add_part_argument, block, checked_part
 
@@ -82,7 +83,15 @@ def run(args, config, scale, out) -> None:
         distributor="multiprocessing",
     )
     stats = _shard_stats(shards)
+    # img2dataset counts a sample fetched before its writer has stored it; what the shards hold is
+    # what later stages get, so that is what counts.
+    stats["written"] = count_samples([out])
+    stats["fetched_not_written"] = stats["successes"] - stats["written"]
     write_json(out / "stats.json", {"part": [index, count], "rows": [int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1], **stats})
-    log.info("download %d/%d: %d of %d fetched; failures: %s", index, count, stats["successes"], stats["count"], stats["errors"])
-    if stats["successes"] == 0:
-        raise SystemExit(f"download: no image could be fetched ({stats['errors']})")
+    log.info("download %d/%d: %d of %d written; failures: %s", index, count, stats["written"], stats["count"], stats["errors"])
+    if stats["fetched_not_written"]:
+        log.warning("download: %d samples were fetched but not written to the shards", stats["fetched_not_written"])
+    if stats["written"] == 0:
+        raise SystemExit(
+            f"download: the shards hold no sample ({stats['successes']} of {stats['count']} fetched; failures: {stats['errors']})"
+        )

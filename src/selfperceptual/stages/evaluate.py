@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from .. import tracking
 from ..device import runtime
-from ..evaluation import extract, load_extractor, metrics
+from ..evaluation import check_featnet, extract, load_extractor, metrics
 from ..experiments import ABLATION_RUNS, ALL_ROWS
 from ..io import write_json
 from ..sampling import grid, sample_images
@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
 
 
 def run(args, config, scale, out) -> None:
+    check_featnet(args.featnet)
     sampled, paths = sample_images(args.samples)
     row = ALL_ROWS[sampled["row"]]
     images = [Image.open(path).convert("RGB") for path in paths]

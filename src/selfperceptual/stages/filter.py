@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from ..data.filtering import filter_rows
+from ..data.filtering import MetadataError, check_schema, filter_rows
 from ..io import write_json
 
 log = logging.getLogger("filter")
@@ -18,7 +18,13 @@ def add_arguments(parser) -> None:
 
 
 def run(args, config, scale, out) -> None:
-    kept, stats = filter_rows(pd.read_parquet(args.corpus / "laion.parquet"), config.filter)
+    source = args.corpus / "laion.parquet"
+    rows = pd.read_parquet(source)
+    try:
+        check_schema(rows, config.filter, source)
+    except MetadataError as error:
+        raise SystemExit(f"filter: {error}") from None
+    kept, stats = filter_rows(rows, config.filter)
     write_json(out / "stats.json", stats)
     log.info("filter: %s", stats)
     if kept.empty:

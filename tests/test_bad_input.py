@@ -1,0 +1,337 @@
+"""The catalogue of bad input: each case stops with a message whose first line names the cause, or
+is counted where the data is expected to be imperfect, and nothing already computed is lost or
+left half-written for a later stage to trust. (More cases live beside the code they test:
+test_config.py for params, test_resume.py for killed training, test_tracking.py for the store.)"""
+
+import json
+import socket
+import threading
+from contextlib import contextmanager
+from functools import partial
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from selfperceptual.cli import main
+from selfperceptual.config import ParamsError, load_params
+from selfperceptual.data.shards import iter_samples
+
+
+def stage(capsys, repo, name, out, *arguments, params=None, scale="smoke"):
+    """Runs a stage's entry point as the CLI does; returns (exit status, first line of its error)."""
+    argv = [name, "--params", str(params or repo / "params.yaml"), "--scale", scale, "--out", str(out), *map(str, arguments)]
+    try:
+        code = main(argv)
+    except SystemExit as stop:  # a stage's clear error: Python prints it and exits 1
+        code, message = (1, str(stop.code)) if isinstance(stop.code, str) else (stop.code, "")
+    else:
+        message = capsys.readouterr().err.removeprefix("error: ")
+    return code, message.strip().splitlines()[0] if message.strip() else ""
+
+
+def assert_nothing_written(out):
+    assert not out.exists(), f"{out} was written"
+    assert not list(out.parent.glob(f".{out.name}.*partial")), "a temporary folder was left behind"
+
+
+# Params files ---------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def params_copy(repo, tmp_path):
+    path = tmp_path / "params.yaml"
+    path.write_text((repo / "params.yaml").read_text())
+    return path
+
+
+def _edit(path, old, new):
+    text = path.read_text()
+    assert old in text
+    path.write_text(text.replace(old, new, 1))
+
+
+def test_invalid_yaml_names_the_file_line_and_column(params_copy):
+    _edit(params_copy, "  filter: {min_aesthetic: 6.0, min_side: 32}", "  filter: {min_aesthetic: 6.0, min_side: 32")
+    with pytest.raises(ParamsError) as error:
+        load_params(params_copy)
+    first = str(error.value).splitlines()[0]
+    line = next(i for i, text in enumerate(params_copy.read_text().splitlines(), 1) if "min_side: 32" in text and "}" not in text)
+    assert first.startswith(f"{params_copy}:") and "invalid YAML" in first
+    assert int(first.split(":")[1]) >= line
+
+
+def test_a_duplicate_key_is_refused_with_its_line(params_copy):
+    _edit(params_copy, "  filter: {min_aesthetic: 6.0, min_side: 32}", "  filter: {min_aesthetic: 6.0, min_side: 32, min_side: 8}")
+    with pytest.raises(ParamsError, match=r":\d+:\d+: invalid YAML: duplicate key 'min_side'"):
+        load_params(params_copy)
+
+
+def test_an_exponent_without_a_dot_says_how_to_write_it(params_copy):
+    _edit(params_copy, "learning_rate: 1.0e-3}", "learning_rate: 1e-3}")
+    with pytest.raises(ParamsError, match=r"smoke\.train\.mse\.learning_rate: '1e-3' is a string to YAML; write it with a dot"):
+        load_params(params_copy, "smoke")
+
+
+def test_set_without_equals_sign_says_key_equals_value(repo):
+    with pytest.raises(ParamsError, match=r"^--set train\.sp\.layer: expected KEY=VALUE"):
+        load_params(repo / "params.yaml", "smoke", ["train.sp.layer"])
+
+
+def test_a_missing_params_file_exits_2_naming_it(capsys, repo, tmp_path):
+    code, first = stage(capsys, repo, "corpus", tmp_path / "corpus", params=tmp_path / "nowhere.yaml")
+    assert code == 2 and first == f"params file not found: {tmp_path / 'nowhere.yaml'}"
+    assert_nothing_written(tmp_path / "corpus")
+
+
+def test_a_bad_override_exits_2_before_any_work(capsys, repo, tmp_path):
+    code, first = stage(capsys, repo, "corpus", tmp_path / "corpus", "--set", "corpus.num_train_rows=-5")
+    assert code == 2 and first.startswith("invalid --set: smoke.corpus.num_train_rows:")
+    assert_nothing_written(tmp_path / "corpus")
+
+
+# Metadata -------------------------------------------------------------------------------------
+
+ROW = {"URL": "images/000000.jpg", "TEXT": "a red circle", "WIDTH": 64, "HEIGHT": 64, "AESTHETIC_SCORE": 7.0,
+       "punsafe": 0.01, "pwatermark": 0.1}
+
+
+def _corpus(tmp_path, rows):
+    folder = tmp_path / "corpus"
+    folder.mkdir()
+    pd.DataFrame(rows).to_parquet(folder / "laion.parquet", index=False)
+    return folder
+
+
+def test_metadata_without_a_column_stops_the_filter_naming_it(capsys, repo, tmp_path):
+    corpus = _corpus(tmp_path, [{k: v for k, v in ROW.items() if k != "AESTHETIC_SCORE"}])
+    code, first = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 1 and "missing column(s) AESTHETIC_SCORE" in first and "laion.parquet" in first
+    assert_nothing_written(tmp_path / "filter")
+
+
+def test_metadata_with_text_where_numbers_belong_names_the_column(capsys, repo, tmp_path):
+    corpus = _corpus(tmp_path, [{**ROW, "WIDTH": "64px"}])
+    code, first = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 1 and "column WIDTH must be numeric" in first
+    assert_nothing_written(tmp_path / "filter")
+
+
+def test_captions_that_are_bytes_not_text_are_refused_naming_the_row(capsys, repo, tmp_path):
+    corpus = _corpus(tmp_path, [{**ROW, "TEXT": b"caf\xe9 \xff"}, ROW])  # a binary column, as some scrapers write
+    code, first = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 1 and "column TEXT must hold text; row 0 holds bytes" in first and "decode" in first
+    assert_nothing_written(tmp_path / "filter")
+
+
+def test_null_captions_and_urls_are_dropped_and_counted(capsys, repo, tmp_path):
+    corpus = _corpus(tmp_path, [ROW, {**ROW, "TEXT": None}, {**ROW, "URL": None}, ROW])
+    code, _ = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 0
+    stats = json.loads((tmp_path / "filter" / "stats.json").read_text())
+    assert stats["rows_kept"] == 2 and stats["removed_by"]["missing_url_or_text"] == 2
+
+
+def test_a_filter_that_keeps_nothing_says_which_condition_removed_the_rows(capsys, repo, tmp_path):
+    corpus = _corpus(tmp_path, [{**ROW, "AESTHETIC_SCORE": 4.0}])
+    code, first = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 1 and first.startswith("filter: no rows pass") and "'aesthetic': 1" in first
+    assert_nothing_written(tmp_path / "filter")
+
+
+def test_download_fails_when_its_shards_hold_nothing_it_reported_fetched(capsys, repo, tmp_path):
+    """Bytes captions that bypass the filter: img2dataset counts the rows fetched, but cannot
+    write them; the stage checks its shards and refuses to hand on an empty dataset."""
+    image = tmp_path / "red.jpg"
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
+    (tmp_path / "filter").mkdir()
+    pd.DataFrame([{**ROW, "URL": image.as_uri(), "TEXT": b"\xff\xfe bad"}]).to_parquet(tmp_path / "filter" / "kept.parquet")
+    code, first = stage(capsys, repo, "download", tmp_path / "download", "--filtered", tmp_path / "filter", "--corpus", tmp_path)
+    assert code == 1 and first.startswith("download: the shards hold no sample")
+    assert_nothing_written(tmp_path / "download")
+
+
+# Images and the network, fetched by one real download ------------------------------------------
+
+
+class _Quiet(SimpleHTTPRequestHandler):
+    def log_message(self, *args):
+        pass
+
+
+@contextmanager
+def _servers(folder):
+    """A file server, a port that refuses connections, and a server that accepts and never answers."""
+    files = ThreadingHTTPServer(("127.0.0.1", 0), partial(_Quiet, directory=str(folder)))
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(16)
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    refused_port = closed.getsockname()[1]
+    closed.close()
+    threading.Thread(target=files.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{files.server_address[1]}", f"http://127.0.0.1:{refused_port}", f"http://127.0.0.1:{silent.getsockname()[1]}"
+    finally:
+        files.shutdown()
+        files.server_close()
+        silent.close()
+
+
+def _bad_images(folder):
+    """name -> file of each image case (written under ``folder``)."""
+    folder.mkdir()
+    Image.new("RGB", (64, 48), (30, 160, 60)).save(folder / "good.jpg")
+    Image.new("RGB", (64, 48), (30, 60, 160)).save(folder / "truncated.jpg")
+    (folder / "truncated.jpg").write_bytes((folder / "truncated.jpg").read_bytes()[:200])
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("<html>not an image</html>")
+    Image.new("L", (64, 64), 128).save(folder / "gray.png")
+    Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGB", (6000, 6000), (250, 250, 0)).save(folder / "huge.png")
+    Image.new("RGB", (1, 1), (0, 0, 0)).save(folder / "tiny.png")
+    return {path.stem: path for path in folder.iterdir()}
+
+
+@pytest.fixture(scope="module")
+def download_of_bad_inputs(repo, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("bad_download")
+    files = _bad_images(tmp / "images")
+    with _servers(tmp / "images") as (served, refused, silent):
+        urls = {name: path.as_uri() for name, path in files.items()}
+        urls |= {"http_good": f"{served}/good.jpg", "http_404": f"{served}/missing.jpg",
+                 "refused": f"{refused}/good.jpg", "timeout": f"{silent}/good.jpg"}
+        (tmp / "filter").mkdir()
+        rows = pd.DataFrame([{**ROW, "URL": url, "TEXT": f"case {name}"} for name, url in urls.items()])
+        rows.to_parquet(tmp / "filter" / "kept.parquet", index=False)
+        code = main(["download", "--params", str(repo / "params.yaml"), "--scale", "smoke", "--set", "download.timeout_s=2",
+                     "--filtered", str(tmp / "filter"), "--corpus", str(tmp), "--out", str(tmp / "download")])
+    assert code == 0
+    written = {caption.removeprefix("case "): image for _, image, caption in iter_samples([tmp / "download"])}
+    return json.loads((tmp / "download" / "stats.json").read_text()), written, list(urls)
+
+
+@pytest.mark.parametrize("case", ["good", "gray", "cmyk", "huge", "tiny", "http_good"])
+def test_decodable_images_of_any_mode_and_size_are_written_as_rgb_at_the_resolution(download_of_bad_inputs, case):
+    _, written, _ = download_of_bad_inputs
+    assert written[case].mode == "RGB" and written[case].size == (32, 32)
+
+
+@pytest.mark.parametrize("case", ["empty", "text", "http_404", "refused", "timeout"])
+def test_unusable_images_and_dead_urls_are_counted_not_fatal_and_not_written(download_of_bad_inputs, case):
+    stats, written, _ = download_of_bad_inputs
+    assert case not in written
+    assert stats["failed_to_download"] + stats["failed_to_resize"] >= 5
+
+
+def test_every_row_is_either_written_or_counted_as_a_failure(download_of_bad_inputs):
+    stats, written, cases = download_of_bad_inputs
+    assert stats["count"] == len(cases)
+    assert stats["written"] == len(written) == stats["successes"]
+    assert stats["written"] + stats["failed_to_download"] + stats["failed_to_resize"] == len(cases)
+    kinds = " ".join(stats["errors"])
+    assert "404" in kinds and ("refused" in kinds.lower() or "errno 111" in kinds.lower()) and "timed out" in kinds.lower()
+
+
+def test_a_truncated_image_is_either_counted_or_decoded_whole(download_of_bad_inputs):
+    _, written, _ = download_of_bad_inputs
+    if "truncated" in written:  # the decoder fills the missing part; the sample is a whole image
+        assert np.asarray(written["truncated"]).shape == (32, 32, 3)
+
+
+# Paths: missing or broken outputs of earlier stages --------------------------------------------
+
+
+def test_a_truncated_latent_shard_stops_training_before_the_first_step(capsys, repo, smoke_stages, tmp_path):
+    import shutil
+
+    data = tmp_path / "encode"
+    shutil.copytree(smoke_stages / "encode", data)
+    shard = sorted((data / "shards").glob("*.safetensors"))[-1]
+    shard.write_bytes(shard.read_bytes()[:-100])
+    code, first = stage(capsys, repo, "train", tmp_path / "out", "--data", data, "--init", smoke_stages / "base", "--objective", "mse",
+                        "--conditioning", "text", "--checkpoints", tmp_path / "checkpoints")
+    assert code == 1 and first.startswith(f"--data {data / 'shards'}: {shard}: truncated")
+    assert_nothing_written(tmp_path / "out")
+    assert not list((tmp_path / "checkpoints").glob("*/step-*"))
+
+
+@pytest.fixture(scope="module")
+def featnet_folder(repo, smoke_stages, tmp_path_factory):
+    out = tmp_path_factory.mktemp("featnet") / "featnet"
+    assert main(["featnet", "--params", str(repo / "params.yaml"), "--scale", "smoke", "--corpus", str(smoke_stages / "corpus"), "--out", str(out)]) == 0
+    return out
+
+
+@pytest.mark.parametrize("removed", ["reference.safetensors", "featnet.safetensors", "extractor.json"])
+def test_a_featnet_folder_missing_a_file_is_named_before_any_work(capsys, repo, featnet_folder, tmp_path, removed):
+    import shutil
+
+    broken = tmp_path / "featnet"
+    shutil.copytree(featnet_folder, broken)
+    (broken / removed).unlink()
+    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "no-samples", "--featnet", broken)
+    assert code == 1 and first.startswith(f"--featnet {broken}:") and removed in first
+    assert_nothing_written(tmp_path / "evaluate")
+
+
+def test_a_missing_samples_folder_is_named(capsys, repo, featnet_folder, tmp_path):
+    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample_mse_s25", "--featnet", featnet_folder)
+    assert code == 1 and first == f"--samples {tmp_path / 'sample_mse_s25'}: no samples.json; run its sample stage"
+    assert_nothing_written(tmp_path / "evaluate")
+
+
+# Faults ---------------------------------------------------------------------------------------
+
+
+KILLED = {  # stage -> (its inputs under smoke_stages, a file that shows it is halfway through writing, a file of its finished output)
+    "encode": (["--images", "download", "--base", "base"], "shards/*.safetensors", "index.json"),
+    "sample": (["--model", "base", "--corpus", "corpus", "--row", "mse_s25"], "images/*.png", "samples.json"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(KILLED))
+def test_sigkill_halfway_leaves_no_output_and_a_rerun_cleans_up_and_completes(repo, smoke_stages, tmp_path, name):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workspace import environment
+
+    inputs, halfway, finished = KILLED[name]
+    out = tmp_path / name
+    arguments = [str(smoke_stages / value) if value in ("download", "base", "corpus") else value for value in inputs]
+    command = [sys.executable, "-m", "selfperceptual", name, "--params", str(repo / "params.yaml"), "--scale", "smoke", *arguments, "--out", str(out)]
+    process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    while not list(tmp_path.glob(f".{name}.*partial/{halfway}")):
+        assert process.poll() is None and time.monotonic() < deadline, f"{name} ended before it could be killed"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not out.exists() and list(tmp_path.glob(f".{name}.*partial"))  # the half-written folder is hidden, not the output
+    assert subprocess.run(command, env=environment(), capture_output=True, check=False).returncode == 0
+    assert (out / finished).is_file() and not list(tmp_path.glob(f".{name}.*partial"))
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    import subprocess
+
+    folder = tmp_path / "small"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(folder)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    yield folder
+    subprocess.run(["umount", str(folder)], check=False)
+
+
+def test_a_full_disk_names_the_device_and_leaves_nothing_half_written(capsys, repo, small_filesystem):
+    out = small_filesystem / "corpus"
+    code, first = stage(capsys, repo, "corpus", out)
+    assert code == 1 and first.startswith("no space left on the device of") and "was not written" in first
+    assert_nothing_written(out)
