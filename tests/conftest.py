@@ -16,13 +16,13 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 REPO = Path(__file__).resolve().parents[1]
 
 # The end-to-end runs first, longest first: `make test` runs the suite on two pytest-xdist workers
-# (-n 2 --dist loadgroup --no-loadscope-reorder), which take tests in this order, so the two
-# longest start at once and the short tests fill in around them.
+# (-n 2 --dist loadgroup --no-loadscope-reorder), which take two tests each to start with, in
+# this order: the two longest start at once and the short tests fill in around them.
 FIRST = (
-    "test_snakemake_runs_the_rehearsal_scale",
-    "test_dvc_exp_run_runs_the_smoke_scale",
+    "test_snakemake_runs_the_rehearsal_scale",  # worker 1
+    "test_dvc_exp_run_runs_the_smoke_scale",  # worker 2, the longer: nothing else long is queued behind it
+    "test_smoke_scale_runs_through_the_slurm_profile",  # worker 1, after the rehearsal
     "test_sigterm_then_sigkill_then_resume",
-    "test_smoke_scale_runs_through_the_slurm_profile",
 )
 
 

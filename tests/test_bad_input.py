@@ -289,12 +289,13 @@ def test_a_missing_samples_folder_is_named(capsys, repo, featnet_folder, tmp_pat
 
 KILLED = {  # stage -> (its inputs under smoke_stages, a file that shows it is halfway through writing, a file of its finished output)
     "encode": (["--images", "download", "--base", "base"], "shards/*.safetensors", "index.json"),
-    "sample": (["--model", "base", "--corpus", "corpus", "--row", "mse_s25"], "images/*.png", "samples.json"),
+    "sample": (["--model", "base", "--corpus", "corpus", "--row", "mse_s50", "--set", "sample.batch=2"], "images/*.png", "samples.json"),
 }
 
 
 @pytest.mark.parametrize("name", sorted(KILLED))
-def test_sigkill_halfway_leaves_no_output_and_a_rerun_cleans_up_and_completes(repo, smoke_stages, tmp_path, name):
+@pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
+def test_a_stage_stopped_halfway_leaves_no_output_and_a_rerun_cleans_up_and_completes(repo, smoke_stages, tmp_path, name, stop):
     import signal
     import subprocess
     import sys
@@ -311,11 +312,41 @@ def test_sigkill_halfway_leaves_no_output_and_a_rerun_cleans_up_and_completes(re
     while not list(tmp_path.glob(f".{name}.*partial/{halfway}")):
         assert process.poll() is None and time.monotonic() < deadline, f"{name} ended before it could be killed"
         time.sleep(0.05)
-    process.send_signal(signal.SIGKILL)
-    process.wait()
-    assert not out.exists() and list(tmp_path.glob(f".{name}.*partial"))  # the half-written folder is hidden, not the output
+    process.send_signal(getattr(signal, stop))
+    assert process.wait() == -getattr(signal, stop)
+    assert not out.exists()  # at most a hidden temporary folder, which the next run removes
     assert subprocess.run(command, env=environment(), capture_output=True, check=False).returncode == 0
     assert (out / finished).is_file() and not list(tmp_path.glob(f".{name}.*partial"))
+
+
+def test_sigint_to_snakemake_keeps_finished_stages_and_a_rerun_goes_on(tmp_path):
+    """Ctrl-C while a job runs: Snakemake stops it; what finished before is kept and not redone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from workspace import copy_repository, environment, run
+
+    copy = copy_repository(tmp_path / "repo", scale="smoke")
+    target = ["--cores", "1", "runs/smoke/base"]
+    snakemake = subprocess.Popen([sys.executable, "-m", "snakemake", *target], cwd=copy, env=environment(),
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    runs = copy / "runs" / "smoke"
+    deadline = time.monotonic() + 300
+    while not ((runs / "filter").is_dir() and list(runs.glob(".download.*partial"))):
+        assert snakemake.poll() is None and time.monotonic() < deadline, "the pipeline ended before it could be interrupted"
+        time.sleep(0.05)
+    finished = (runs / "filter" / "params.json").stat().st_mtime_ns
+    os.killpg(snakemake.pid, signal.SIGINT)  # what Ctrl-C does: the whole foreground process group
+    snakemake.communicate(timeout=120)
+    assert snakemake.returncode != 0
+    assert not (runs / "download").exists() or (runs / "download" / "stats.json").is_file()  # none, or a whole one
+    again = run([sys.executable, "-m", "snakemake", *target], copy)
+    assert (runs / "base" / "pipeline" / "model_index.json").is_file()
+    assert (runs / "filter" / "params.json").stat().st_mtime_ns == finished  # not redone
+    assert not list(runs.glob(".*partial")), again.stdout[-2000:]
 
 
 @pytest.fixture

@@ -126,6 +126,11 @@ def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
         assert f"rule {stage.name}:" in result.stdout
     assert re.search(rf"^total\s+{len(stages) + 1}$", result.stdout, re.MULTILINE)  # every stage, and `all`
     assert {"authors_mse", "authors_sp", "evaluate_authors_sp_s50"} <= {stage.name for stage in stages}
+    # The authors' checkpoints through Table 1's rows: nothing is downloaded, encoded or trained.
+    authors = run([sys.executable, "-m", "snakemake", "-n", "authors", "--config", "scale=paper"], copy, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
+    planned = set(re.findall(r"^rule (\w+):", authors.stdout, re.MULTILINE))
+    assert {"authors_mse", "authors_sp", "evaluate_authors_mse_cfg75_r07_s25", "featnet"} <= planned
+    assert not {name for name in planned if name.startswith(("train", "encode", "download", "freeze"))}
 
 
 def test_a_bad_params_key_stops_snakemake_before_any_job(tmp_path):
