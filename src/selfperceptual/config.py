@@ -276,7 +276,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
 def read_yaml(path: Path):
     """A YAML file, duplicate keys refused; an error names the file, line and column."""
     try:
-        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        return yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader subclass
     except yaml.YAMLError as error:
         mark = getattr(error, "problem_mark", None)
         where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark else str(path)
