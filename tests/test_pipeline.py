@@ -64,13 +64,16 @@ def _kill_after_first_checkpoint(copy, stage: str, snakemake: subprocess.Popen, 
 
 
 def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_records_it_with_dvc(tmp_path):
+    # params.yaml's scale set to rehearsal and dvc.yaml generated for it (make generate), so the
+    # Snakefile records the run with DVC as it does for the scale params.yaml names.
     copy = copy_repository(tmp_path, scale="rehearsal")
-    run([sys.executable, "-m", "selfperceptual.dag", "--write", "dvc.yaml"], copy)  # make generate: dvc.yaml follows the scale
+    run([sys.executable, "-m", "selfperceptual.dag", "--write", "dvc.yaml"], copy)
     config = load_params(copy / "params.yaml", "rehearsal")[1]
     with serve(copy / "data" / "rehearsal" / "laion-images") as url:
         run([sys.executable, "-m", "selfperceptual.rehearsal", "data/rehearsal", "--url-base", url], copy)
         with open(tmp_path / "snakemake.log", "w") as log:
-            snakemake = subprocess.Popen([sys.executable, "-m", "snakemake", "--cores", "all"], cwd=copy, env=environment(), stdout=log, stderr=subprocess.STDOUT)
+            command = [sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=rehearsal"]
+            snakemake = subprocess.Popen(command, cwd=copy, env=environment(), stdout=log, stderr=subprocess.STDOUT)
             killed_at = _kill_after_first_checkpoint(copy, "train_mse", snakemake)
             code = snakemake.wait(timeout=1800)
     output = (tmp_path / "snakemake.log").read_text()
@@ -115,7 +118,7 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     # Snakemake recorded the run with DVC, and has nothing left to do.
     status = run([sys.executable, "-m", "dvc", "status", "--json"], copy)
     assert json.loads(status.stdout) == {}, status.stdout
-    again = run([sys.executable, "-m", "snakemake", "--cores", "all"], copy)
+    again = run([sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=rehearsal"], copy)
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
