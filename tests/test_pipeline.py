@@ -5,11 +5,7 @@ import json
 import signal
 import subprocess
 import sys
-import threading
 import time
-from contextlib import contextmanager
-from functools import partial
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import mlflow
@@ -17,31 +13,13 @@ import psutil
 import pytest
 import yaml
 from smoke_checks import check_outputs_and_runs
-from workspace import copy_repository, environment, run
+from workspace import copy_repository, environment, run, serve
 
 from selfperceptual.config import load_params
 from selfperceptual.dag import build_stages
 from selfperceptual.experiments import RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
 
 pytestmark = pytest.mark.slow
-
-
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
-
-
-@contextmanager
-def serve(folder):
-    """An HTTP server for ``folder`` on loopback, stopped on exit; yields its base URL."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), partial(_QuietHandler, directory=str(folder)))
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def _kill_after_first_checkpoint(copy, stage: str, snakemake: subprocess.Popen, timeout: float = 900) -> str:
