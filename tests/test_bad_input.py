@@ -6,6 +6,7 @@ test_config.py for params, test_resume.py for killed training, test_tracking.py 
 import json
 import socket
 from contextlib import contextmanager
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -80,6 +81,18 @@ def test_set_without_equals_sign_says_key_equals_value(repo):
 def test_a_missing_params_file_exits_2_naming_it(capsys, repo, tmp_path):
     code, first = stage(capsys, repo, "corpus", tmp_path / "corpus", params=tmp_path / "nowhere.yaml")
     assert code == 2 and first == f"params file not found: {tmp_path / 'nowhere.yaml'}"
+    assert_nothing_written(tmp_path / "corpus")
+
+
+@pytest.mark.parametrize(("old", "new", "cause"), [
+    ("  filter: {min_aesthetic: 6.0,", "  filter: {min_aesthetic: 6.0, min_aesthetik: 5.0,", "smoke.filter.min_aesthetik: unknown key"),
+    ("  filter: {min_aesthetic: 6.0,", "  filter: {min_aesthetic: high,", "smoke.filter.min_aesthetic: Input should be a valid number"),
+    ("    ema_decay: 0.9\n", "    ema_decay: 1.5\n", "smoke.train.ema_decay: Input should be less than 1"),
+])
+def test_a_bad_params_file_exits_2_naming_the_key_before_any_work(capsys, repo, params_copy, tmp_path, old, new, cause):
+    _edit(params_copy, old, new)
+    code, first = stage(capsys, repo, "corpus", tmp_path / "corpus", params=params_copy)
+    assert code == 2 and first.startswith(f"invalid {params_copy}: {cause}"), first
     assert_nothing_written(tmp_path / "corpus")
 
 
@@ -242,6 +255,36 @@ def test_a_truncated_latent_shard_stops_training_before_the_first_step(capsys, r
     assert not list((tmp_path / "checkpoints").glob("*/step-*"))
 
 
+BROKEN_MODELS = {  # case -> (stage, its arguments with the broken folder as {model}, what breaks it)
+    "sample, no unet": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline/unet", None),
+    "sample, not a model folder": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline", None),
+    "encode, truncated text encoder": ("encode", ["--images", "{download}", "--base", "{model}"], "pipeline/text_encoder/model.safetensors", 600),
+    "encode, no tokenizer vocabulary": ("encode", ["--images", "{download}", "--base", "{model}"], "pipeline/tokenizer/tokenizer.json", None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BROKEN_MODELS))
+def test_a_model_folder_missing_or_truncating_a_component_is_named_before_any_work(capsys, repo, smoke_stages, tmp_path, case):
+    import shutil
+
+    name, arguments, broken, keep_bytes = BROKEN_MODELS[case]
+    model = tmp_path / "model"
+    shutil.copytree(smoke_stages / "base", model)
+    target = model / broken
+    if keep_bytes:
+        target.write_bytes(target.read_bytes()[:keep_bytes])
+    else:
+        (shutil.rmtree if target.is_dir() else Path.unlink)(target)
+    folders = {"model": model, "corpus": smoke_stages / "corpus", "download": smoke_stages / "download"}
+    code, first = stage(capsys, repo, name, tmp_path / name, *(value.format(**folders) for value in arguments))
+    flag = arguments[arguments.index("{model}") - 1]
+    if broken == "pipeline":
+        assert code == 1 and first == f"{flag} {model}: no pipeline/model_index.json; is this a base or train stage's folder?"
+    else:
+        assert code == 1 and first.startswith(f"{flag} {model}: cannot load the pipeline in {model / 'pipeline'}: "), first
+    assert_nothing_written(tmp_path / name)
+
+
 @pytest.fixture(scope="module")
 def featnet_folder(repo, smoke_stages, tmp_path_factory):
     out = tmp_path_factory.mktemp("featnet") / "featnet"
@@ -270,35 +313,58 @@ def test_a_missing_samples_folder_is_named(capsys, repo, featnet_folder, tmp_pat
 # Faults ---------------------------------------------------------------------------------------
 
 
-KILLED = {  # stage -> (its inputs under smoke_stages, a file that shows it is halfway through writing, a file of its finished output)
-    "encode": (["--images", "download", "--base", "base"], "shards/*.safetensors", "index.json"),
-    "sample": (["--model", "base", "--corpus", "corpus", "--row", "mse_s50", "--set", "sample.batch=2"], "images/*.png", "samples.json"),
-}
+KILLED = {  # stage -> (its arguments, a file that shows it is halfway through writing, a file of its finished output)
+    # the download waits on a server that never answers (until timeout_s), so it is surely killed mid-shard
+    "download": (["--filtered", "{stalling_filter}", "--corpus", "{corpus}", "--set", "download.timeout_s=3"], "shards/*.tar", "stats.json"),
+    "encode": (["--images", "{download}", "--base", "{base}"], "shards/*.safetensors", "index.json"),
+    "featnet": (["--corpus", "{corpus}"], "params.json", "summary.json"),  # killed while its network trains
+    "sample": (["--model", "{base}", "--corpus", "{corpus}", "--row", "mse_s50", "--set", "sample.batch=2"], "images/*.png", "samples.json"),
+}  # train: tests/test_resume.py
+
+
+@pytest.fixture
+def stalling_filter(smoke_stages, tmp_path):
+    """The smoke scale's kept rows plus one URL whose server accepts and never answers."""
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(4)
+        folder = tmp_path / "stalling_filter"
+        folder.mkdir()
+        rows = pd.read_parquet(smoke_stages / "filter" / "kept.parquet")
+        stalled = {**rows.iloc[0].to_dict(), "URL": f"http://127.0.0.1:{silent.getsockname()[1]}/never.jpg"}
+        pd.concat([pd.DataFrame([stalled]), rows]).to_parquet(folder / "kept.parquet", index=False)
+        yield folder
 
 
 @pytest.mark.parametrize("name", sorted(KILLED))
 @pytest.mark.parametrize("stop", ["SIGKILL", "SIGTERM"])
-def test_a_stage_stopped_halfway_leaves_no_output_and_a_rerun_cleans_up_and_completes(repo, smoke_stages, tmp_path, name, stop):
+def test_a_stage_stopped_halfway_leaves_no_output_nor_process_and_a_rerun_cleans_up_and_completes(repo, smoke_stages, stalling_filter, tmp_path, name, stop):
     import signal
     import subprocess
     import sys
     import time
 
+    import psutil
     from workspace import environment
 
     inputs, halfway, finished = KILLED[name]
     out = tmp_path / name
-    arguments = [str(smoke_stages / value) if value in ("download", "base", "corpus") else value for value in inputs]
-    command = [sys.executable, "-m", "selfperceptual", name, "--params", str(repo / "params.yaml"), "--scale", "smoke", *arguments, "--out", str(out)]
+    folders = {"stalling_filter": stalling_filter} | {stage: smoke_stages / stage for stage in ("corpus", "download", "base")}
+    command = [sys.executable, "-m", "selfperceptual", name, "--params", str(repo / "params.yaml"), "--scale", "smoke",
+               *(value.format(**folders) for value in inputs), "--out", str(out)]
     process = subprocess.Popen(command, env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 180
     while not list(tmp_path.glob(f".{name}.*partial/{halfway}")):
         assert process.poll() is None and time.monotonic() < deadline, f"{name} ended before it could be killed"
         time.sleep(0.05)
+    workers = psutil.Process(process.pid).children(recursive=True)  # img2dataset's pool, for one
     process.send_signal(getattr(signal, stop))
     assert process.wait() == -getattr(signal, stop)
+    _, alive = psutil.wait_procs(workers, timeout=10)
+    assert not alive, f"{name} left processes running: {[worker.cmdline() for worker in alive]}"
     assert not out.exists()  # at most a hidden temporary folder, which the next run removes
-    assert subprocess.run(command, env=environment(), capture_output=True, check=False).returncode == 0
+    rerun = subprocess.run(command, env=environment(), capture_output=True, text=True, check=False)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert (out / finished).is_file() and not list(tmp_path.glob(f".{name}.*partial"))
 
 
@@ -348,4 +414,15 @@ def test_a_full_disk_names_the_device_and_leaves_nothing_half_written(capsys, re
     out = small_filesystem / "corpus"
     code, first = stage(capsys, repo, "corpus", out)
     assert code == 1 and first.startswith("no space left on the device of") and "was not written" in first
+    assert_nothing_written(out)
+
+
+def test_a_read_only_filesystem_names_the_folder_and_leaves_nothing_behind(capsys, repo, small_filesystem):
+    import subprocess
+
+    if subprocess.run(["mount", "-o", "remount,ro", str(small_filesystem)], capture_output=True, check=False).returncode:
+        pytest.skip("cannot remount read-only here (needs root)")
+    out = small_filesystem / "corpus"
+    code, first = stage(capsys, repo, "corpus", out)
+    assert code == 1 and first.startswith(f"cannot write to {small_filesystem}") and "Read-only file system" in first
     assert_nothing_written(out)

@@ -80,21 +80,21 @@ def test_the_comparison_catches_a_changed_method_setting(raw):
 def test_unknown_key_is_named(raw):
     bad = copy.deepcopy(raw)
     bad["smoke"]["train"]["learning_rat"] = 1.0
-    with pytest.raises(ParamsError, match=r"smoke\.train\.learning_rat: unknown key"):
+    with pytest.raises(ParamsError, match=r"^invalid params\.yaml: smoke\.train\.learning_rat: unknown key"):
         validate_params(bad)
 
 
 def test_wrong_type_is_named(raw):
     bad = copy.deepcopy(raw)
     bad["local"]["train"]["global_batch"] = "48"
-    with pytest.raises(ParamsError, match=r"local\.train\.global_batch"):
+    with pytest.raises(ParamsError, match=r"^invalid params\.yaml: local\.train\.global_batch: "):
         validate_params(bad)
 
 
 def test_yaml_exponent_without_dot_is_caught(raw):
     bad = copy.deepcopy(raw)
     bad["local"]["train"]["mse"]["learning_rate"] = yaml.safe_load("3e-5")  # PyYAML reads a string
-    with pytest.raises(ParamsError, match=r"local\.train\.mse\.learning_rate"):
+    with pytest.raises(ParamsError, match=r"^invalid params\.yaml: local\.train\.mse\.learning_rate: "):
         validate_params(bad)
 
 

@@ -9,7 +9,7 @@ from selfperceptual.io import HOST, atomic_dir, write_json
 
 
 def test_stale_partials_of_killed_runs_are_removed_live_ones_kept(tmp_path):
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True).stdout.strip()
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout.strip()
     stale = [tmp_path / f".train_mse.{HOST}.{dead}.abc.partial", tmp_path / ".train_mse.othernode.17.def.partial"]
     live = tmp_path / f".train_mse.{HOST}.{os.getppid()}.ghi.partial"  # a running process's
     other_stage = tmp_path / f".train_sp.{HOST}.{dead}.jkl.partial"

@@ -67,11 +67,15 @@ def main(argv=None) -> int:
             write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
             report = args.module.run(args, config, scale, out)
     except OSError as error:
-        if error.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
         where = error.filename or args.out.parent
-        print(f"error: no space left on the device of {where} (disk full or quota reached); "
-              f"{args.out} was not written. Free space there and run the stage again.", file=sys.stderr)
+        if error.errno in (errno.ENOSPC, errno.EDQUOT):
+            print(f"error: no space left on the device of {where} (disk full or quota reached); "
+                  f"{args.out} was not written. Free space there and run the stage again.", file=sys.stderr)
+        elif error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            print(f"error: cannot write to {where}: {error.strerror}; {args.out} was not written. "
+                  "Choose an output folder you can write to, or mount it writable, and run the stage again.", file=sys.stderr)
+        else:
+            raise
         return 1
     # A stage may return what it reports to the tracker: it runs once the outputs are in place,
     # so a tracking failure never costs them.

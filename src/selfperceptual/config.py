@@ -284,10 +284,10 @@ def read_yaml(path: Path):
         raise ParamsError(f"{where}: invalid YAML: {problem}") from None
 
 
-def validate_params(raw: dict) -> dict[str, ScaleConfig]:
-    """Validates every scale block of a parsed params.yaml; returns them by name."""
+def validate_params(raw: dict, source: str | Path = "params.yaml") -> dict[str, ScaleConfig]:
+    """Validates every scale block of a parsed params file (named ``source`` in errors); returns them by name."""
     if not isinstance(raw, dict):
-        raise ParamsError("params.yaml: the top level must be a mapping")
+        raise ParamsError(f"{source}: the top level must be a mapping")
     unknown = sorted(set(raw) - {"scale", *SCALES})
     problems = [f"{key}: unknown key (top level holds 'scale' and {', '.join(SCALES)})" for key in unknown]
     if raw.get("scale") not in SCALES:
@@ -302,7 +302,7 @@ def validate_params(raw: dict) -> dict[str, ScaleConfig]:
         except ValidationError as error:
             problems.append(_describe(error, name))
     if problems:
-        raise ParamsError("invalid params.yaml: " + "\n".join(problems))  # the first problem on the first line
+        raise ParamsError(f"invalid {source}: " + "\n".join(problems))  # the first problem on the first line
     return scales
 
 
@@ -312,7 +312,7 @@ def load_params(path: str | Path, scale: str | None = None, overrides: list[str]
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file not found: {path}")
-    scales = validate_params(raw := read_yaml(path))
+    scales = validate_params(raw := read_yaml(path), path)
     chosen = scale or raw["scale"]
     if chosen not in scales:
         raise ParamsError(f"scale: must be one of {', '.join(SCALES)} (got {chosen!r})")

@@ -146,6 +146,19 @@ def load_pipeline(path: str | Path, runtime: Runtime | None = None) -> StableDif
     return runtime.place_pipeline(pipeline) if runtime else pipeline
 
 
+def load_stage_pipeline(flag: str, stage_folder: Path, runtime: Runtime | None = None) -> StableDiffusionPipeline:
+    """The pipeline in a base or train stage's folder, every component loaded now: a missing or
+    broken file stops the stage before any work, naming the argument (``flag``) and the folder."""
+    folder = stage_folder / "pipeline"
+    if not (folder / "model_index.json").is_file():
+        raise SystemExit(f"{flag} {stage_folder}: no pipeline/model_index.json; is this a base or train stage's folder?")
+    try:
+        return load_pipeline(folder, runtime)
+    except Exception as error:
+        reason = " ".join(str(error).split())
+        raise SystemExit(f"{flag} {stage_folder}: cannot load the pipeline in {folder}: {reason}") from error
+
+
 def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
 

@@ -208,7 +208,7 @@ def log_run(
         for path in artifacts:
             _retry(client.log_artifact, run_id, str(path))
         _retry(client.set_terminated, run_id, "FINISHED")
-    except Exception as error:  # noqa: BLE001 - any store failure: say which store
+    except Exception as error:
         raise TrackingError(f"MLflow tracking at {tracking_uri()} failed: {error}") from error
     return run_id
 

@@ -40,7 +40,7 @@ def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir:
         raise SystemExit(f"--perceptual {perceptual_dir}: no frozen network (network/config.json and weights); run its freeze stage")
     try:
         perceptual = PerceptualNetwork.load(network_dir, sp.layer)
-    except Exception as error:  # noqa: BLE001 - a truncated file, missing tensors: say which folder
+    except Exception as error:
         raise SystemExit(f"--perceptual {perceptual_dir}: cannot load the frozen network: {error}") from error
     problem = perceptual.mismatch(unet)
     if problem:

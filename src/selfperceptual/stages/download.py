@@ -6,13 +6,25 @@ each sample keeps its row number (``ROW``), so later stages see the same dataset
 
 from __future__ import annotations
 
+import ctypes
+import importlib
 import json
 import logging
+import multiprocessing
+import multiprocessing.context
 import os
 import re
+import signal
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
+
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # img2dataset imports albumentations, which would ask the network
+from img2dataset import distributor
+from img2dataset.logger import LoggerProcess
+
+img2dataset_main = importlib.import_module("img2dataset.main")  # the module; the package's "main" is a function
 
 from ..data.shards import count_samples
 from ..io import write_json
@@ -48,10 +60,45 @@ def _shard_stats(folder: Path) -> dict:
     return {**totals, "errors": errors}
 
 
-def run(args, config, scale, out) -> None:
-    os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
-    from img2dataset import download
+def _die_with_the_stage() -> None:
+    """Asks Linux to SIGKILL this process when its parent, the stage, dies, however it dies."""
+    ctypes.CDLL(None).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != multiprocessing.parent_process().pid:  # it died before the line above took effect
+        os._exit(1)
 
+
+class _Worker(multiprocessing.context.SpawnProcess):
+    def run(self):
+        _die_with_the_stage()
+        super().run()
+
+
+class _Logger(LoggerProcess):
+    def run(self):
+        _die_with_the_stage()
+        super().run()
+
+
+class _SpawnContext(multiprocessing.context.SpawnContext):
+    Process = _Worker
+
+
+@contextmanager
+def _processes_die_with_the_stage():
+    """img2dataset's processes outlive a stage killed with SIGKILL (the OOM killer, ``kill -9``):
+    orphaned, its pool's workers wait on the dead stage's queue for good, holding their memory, and
+    its logger polls for stats files ten times a second, for good. It makes them from
+    ``get_context("spawn")`` and ``LoggerProcess``; these hand it processes that die with the stage."""
+    saved = distributor.get_context, img2dataset_main.LoggerProcess
+    distributor.get_context = lambda method: _SpawnContext()  # it asks for "spawn"
+    img2dataset_main.LoggerProcess = _Logger
+    try:
+        yield
+    finally:
+        distributor.get_context, img2dataset_main.LoggerProcess = saved
+
+
+def run(args, config, scale, out) -> None:
     settings = config.download
     shards = out / "shards"
     index, count = checked_part(args.part, settings.num_jobs, "download.num_jobs")
@@ -63,25 +110,26 @@ def run(args, config, scale, out) -> None:
     rows["URL"] = resolve_urls(rows["URL"], args.corpus)
     url_list = out / "urls.parquet"
     rows.to_parquet(url_list, index=False)
-    download(
-        url_list=str(url_list),
-        input_format="parquet",
-        url_col="URL",
-        caption_col="TEXT",
-        save_additional_columns=["ROW", "AESTHETIC_SCORE", "WIDTH", "HEIGHT"],
-        output_format="webdataset",
-        output_folder=str(shards),
-        image_size=settings.resolution,
-        resize_mode="center_crop",
-        processes_count=settings.processes,
-        thread_count=settings.threads,
-        number_sample_per_shard=settings.shard_size,
-        timeout=settings.timeout_s,
-        extract_exif=False,
-        compute_hash=None,
-        enable_wandb=False,
-        distributor="multiprocessing",
-    )
+    with _processes_die_with_the_stage():
+        img2dataset_main.download(
+            url_list=str(url_list),
+            input_format="parquet",
+            url_col="URL",
+            caption_col="TEXT",
+            save_additional_columns=["ROW", "AESTHETIC_SCORE", "WIDTH", "HEIGHT"],
+            output_format="webdataset",
+            output_folder=str(shards),
+            image_size=settings.resolution,
+            resize_mode="center_crop",
+            processes_count=settings.processes,
+            thread_count=settings.threads,
+            number_sample_per_shard=settings.shard_size,
+            timeout=settings.timeout_s,
+            extract_exif=False,
+            compute_hash=None,
+            enable_wandb=False,
+            distributor="multiprocessing",
+        )
     stats = _shard_stats(shards)
     # img2dataset counts a sample fetched before its writer has stored it; what the shards hold is
     # what later stages get, so that is what counts.

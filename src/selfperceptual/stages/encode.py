@@ -20,7 +20,7 @@ from tqdm import tqdm
 from ..data.latents import ShardWriter
 from ..data.shards import count_samples, iter_samples, to_tensor
 from ..device import runtime
-from ..models import encode_prompts, load_pipeline
+from ..models import encode_prompts, load_stage_pipeline
 from ..split import add_part_argument, batch_block, checked_part
 
 log = logging.getLogger("encode")
@@ -46,7 +46,7 @@ def _batches(iterable, size):
 @torch.no_grad()
 def run(args, config, scale, out) -> None:
     device = runtime(config.encode.precision)
-    pipeline = load_pipeline(args.base / "pipeline", device)
+    pipeline = load_stage_pipeline("--base", args.base, device)
     vae, tokenizer, text_encoder = pipeline.vae, pipeline.tokenizer, pipeline.text_encoder
     factor = vae.config.scaling_factor
     index, count = checked_part(args.part, config.encode.num_jobs, "encode.num_jobs")

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ..device import runtime
 from ..experiments import ALL_ROWS
 from ..io import write_json
-from ..models import load_pipeline
+from ..models import load_stage_pipeline
 from ..sampling import generate
 from ..split import add_part_argument, batch_block, checked_part
 
@@ -37,7 +37,7 @@ def run(args, config, scale, out) -> None:
     seeds = [settings.seed + position for position in range(len(prompts))]
     todo = batch_block(len(prompts), settings.batch, index, count)
     device = runtime(settings.precision)
-    pipeline = load_pipeline(args.model / "pipeline", device)
+    pipeline = load_stage_pipeline("--model", args.model, device)
     pipeline.set_progress_bar_config(disable=True)
     log.info("sample %s on %s", row.name, device.describe())
     (out / "images").mkdir()

@@ -20,7 +20,7 @@ from ..checkpoints import CheckpointStore, fingerprint
 from ..device import runtime
 from ..distributed import launch_command
 from ..io import read_json, write_json
-from ..models import assemble_pipeline, load_pipeline, save_with_unet
+from ..models import assemble_pipeline, load_stage_pipeline, save_with_unet
 from ..sampling import generate, grid
 from ..schedule import Schedule
 from ..training import LatentData, Monitor, TrainingInterrupted, build_loss, train
@@ -50,17 +50,6 @@ def sp_tags(objective: str, sp, perceptual: Path | None) -> dict:
 def launcher(argv: list[str], config) -> list[str] | None:
     """One process per GPU this job was given, on every node of its allocation (distributed.py)."""
     return launch_command(argv, torch.cuda.device_count())
-
-
-def load_init(init: Path):
-    """The starting pipeline, every component loaded now: a broken file fails before the first step."""
-    folder = init / "pipeline"
-    if not (folder / "model_index.json").is_file():
-        raise SystemExit(f"--init {init}: no pipeline/model_index.json; is this a base or train stage's folder?")
-    try:
-        return load_pipeline(folder)
-    except Exception as error:  # noqa: BLE001 - a missing or truncated component: name the folder
-        raise SystemExit(f"--init {init}: cannot load the pipeline in {folder}: {error}") from error
 
 
 def check_data(data: LatentData, unet, folders: list[Path]) -> None:
@@ -106,7 +95,7 @@ def run(args, config, scale, out):
     """``out`` is None on the processes of a multi-GPU launch other than the first: they train, the first writes."""
     # Load and check everything before the first step.
     schedule = Schedule.from_config(config.schedule)
-    init = load_init(args.init)
+    init = load_stage_pipeline("--init", args.init)  # every component loaded now: a broken file fails before the first step
     unet = init.unet
     data = LatentData(args.data)
     check_data(data, unet, args.data)
