@@ -4,9 +4,12 @@ import json
 
 import mlflow
 
+from selfperceptual.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED
 from selfperceptual.config import load_params
 from selfperceptual.dag import build_stages
 from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
+
+VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
 
 
 def _runs(copy):
@@ -32,6 +35,11 @@ def check_outputs_and_runs(copy):
     results = json.loads((runs_dir / "report" / "results.json").read_text())
     assert set(results["metrics"]) == set(SAMPLE_ROWS)
     assert all(m["fid"] > 0 and m["is"] >= 1 for m in results["metrics"].values())
+    assert all(m["fid_low"] <= m["fid"] <= m["fid_high"] for m in results["metrics"].values())
+    assert {row for row, m in results["metrics"].items() if "alignment" in m} == {r for r in SAMPLE_ROWS if SAMPLE_ROWS[r].conditioning == "text"}
+    verdicts = {claim["claim"]: claim["verdict"] for claim in results["claims"]}
+    assert verdicts.keys() == {claim.key for claim in CLAIMS} and set(verdicts.values()) <= set(VERDICTS)
+    assert "## The paper's claims" in report and report.index("## The paper's claims") < report.index("## Table 1")
     assert (runs_dir / "report" / "grid_text.png").is_file() and (runs_dir / "report" / "report.html").is_file()
     first_caption = json.loads((runs_dir / "sample_mse_s25" / "samples.json").read_text())["captions"][0]
     assert f"1. {first_caption};" in report  # the grid's legend names what each row was asked for

@@ -120,3 +120,21 @@ def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
     reloaded = TinyFeatureNet.load(tmp_path)
     with torch.no_grad():
         assert torch.equal(reloaded(images[:4])[1], network(images[:4])[1])
+
+
+def test_alignment_counts_samples_the_classifier_labels_as_their_caption(tmp_path):
+    import pandas as pd
+
+    from selfperceptual.stages.evaluate import caption_labels, recognised
+
+    pd.DataFrame({"caption": ["a red circle", "a blue square", "a red circle"], "label": [3, 7, 3], "image": ["a", "b", "c"]}).to_parquet(tmp_path / "eval.parquet")
+    labels = caption_labels(tmp_path)
+    assert labels == {"a red circle": 3, "a blue square": 7}
+    logits = torch.zeros(3, 10)
+    logits[0, 3] = logits[1, 2] = logits[2, 3] = 1.0  # the second sample looks like class 2, not its caption's 7
+    assert recognised(logits, ["a red circle", "a blue square", "a red circle"], labels).tolist() == [1.0, 0.0, 1.0]
+    assert recognised(logits, ["", "", ""], labels) is None  # unconditional rows have no alignment
+    with pytest.raises(SystemExit, match="1 prompts are not eval captions of the corpus, e.g. 'a green star'"):
+        recognised(logits, ["a red circle", "a green star", "a red circle"], labels)
+    pd.DataFrame({"caption": ["a photo"], "label": [-1], "image": ["a"]}).to_parquet(tmp_path / "eval.parquet")
+    assert caption_labels(tmp_path) == {}  # COCO captions: no labels, no alignment

@@ -15,19 +15,23 @@ from selfperceptual.stages.report import build_tables, grid_legend, markdown_tab
 def test_each_row_sits_beside_the_matching_paper_number(repo):
     paper = yaml.safe_load((repo / "workflow/paper_results.yaml").read_text())
     ours = {name: {"fid": 100.0 + index, "is": 1.0 + index} for index, name in enumerate(SAMPLE_ROWS)}
+    ours["sp_s25"] |= {"fid_low": 90.5, "fid_high": 111.25, "precision": 0.61, "recall": 0.4, "alignment": 0.875}
     tables = build_tables(ours, paper, real_is=7.0)
+    header, *rows = tables["table1"]
+    sp = dict(zip(header, next(row for row in rows if row[0] == "sp" and row[3] == "25"), strict=True))
+    assert [sp[key] for key in ("FID 95% (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)")] == ["[90.50, 111.25]", "0.610", "0.400", "0.875"]
     assert set(tables) == {f"table{n}" for n in range(1, 9)}
     by_setting = {tuple(r[:4]): r for r in tables["table1"][1:]}
-    assert by_setting[("mse", "7.5", "0.7", "25")][5:] == ["18.67", f"{ours['mse_cfg75_r07_s25']['fid']:.2f}", "34.17", f"{ours['mse_cfg75_r07_s25']['is']:.2f}"]
+    assert by_setting[("mse", "7.5", "0.7", "25")][5:9] == ["18.67", f"{ours['mse_cfg75_r07_s25']['fid']:.2f}", "34.17", f"{ours['mse_cfg75_r07_s25']['is']:.2f}"]
     assert by_setting[("mse", "7.5", "—", "25")][5] == "24.41"
     assert by_setting[("sp", "—", "—", "50")][5:7] == ["24.42", f"{ours['sp_s50']['fid']:.2f}"]
-    assert by_setting[("ground_truth", "—", "—", "—")][7:] == ["35.28", "7.00"]
+    assert by_setting[("ground_truth", "—", "—", "—")][7:9] == ["35.28", "7.00"]
     layers = {r[0]: r[1:] for r in tables["table2"][1:]}
-    assert layers["all_decoder"] == ["42.42", f"{ours['sp_layer_decoder_s25']['fid']:.2f}", "19.98", f"{ours['sp_layer_decoder_s25']['is']:.2f}"]
+    assert layers["all_decoder"][:4] == ["42.42", f"{ours['sp_layer_decoder_s25']['fid']:.2f}", "19.98", f"{ours['sp_layer_decoder_s25']['is']:.2f}"]
     assert layers["midblock"][1] == f"{ours['sp_s25']['fid']:.2f}"  # the main SP run is the baseline of every ablation
     assert {r[0]: r[2] for r in tables["table6"][1:]}["sp_model"] == f"{ours['sp_round2_s25']['fid']:.2f}"
     guided = {(r[0], r[1]): r[3:] for r in tables["table7"][1:]}
-    assert guided[("sp", "3")] == ["20.65", f"{ours['sp_cfg3_r07_s25']['fid']:.2f}", "33.49", f"{ours['sp_cfg3_r07_s25']['is']:.2f}"]
+    assert guided[("sp", "3")][:4] == ["20.65", f"{ours['sp_cfg3_r07_s25']['fid']:.2f}", "33.49", f"{ours['sp_cfg3_r07_s25']['is']:.2f}"]
     assert [row[:4] for row in tables["table8"][1:]] == [["mse", "—", f"{ours['uncond_mse_s25']['fid']:.2f}", "11.18"], ["sp", "—", f"{ours['uncond_sp_s25']['fid']:.2f}", "12.04"]]
     assert markdown_table(tables["table8"]).count("\n") == len(tables["table8"])
 

@@ -172,6 +172,7 @@ class SampleConfig(Section):
 class EvaluateConfig(Section):
     is_splits: int = Field(gt=0)
     batch: int = Field(gt=0)
+    bootstrap: int = Field(ge=0)  # resamples of the generated images for FID's 95% interval (0: none)
     precision: Precision  # of the feature network when it extracts features (featnet and evaluate)
 
 
@@ -185,6 +186,7 @@ class AuthorsConfig(Section):
 
 class ReportConfig(Section):
     grid_images: int = Field(gt=0)
+    equivalence_margin: float = Field(ge=0)  # "keeps" / "unchanged" claims: a recall or alignment difference this small counts as none
 
 
 class JobResources(Section):

@@ -84,7 +84,7 @@ def build_stages(config) -> list[Stage]:
         *downloads,
         # A pretrained base model needs no downloaded images (the tiny one trains its VAE on them).
         _stage("base", "base", {} if config.base.pretrained else {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
-        _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate", "corpus.seed", "download.resolution")),
+        _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate.batch", "evaluate.precision", "corpus.seed", "download.resolution")),
         *encodes,
     ]
     train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
@@ -108,7 +108,9 @@ def build_stages(config) -> list[Stage]:
         parts = _split(
             f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
         )
-        evaluation = _stage(f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"]}, ("evaluate",))
+        evaluation = _stage(
+            f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"]}, ("evaluate",)
+        )
         stages += [*parts, evaluation]
         evaluations.append(evaluation.name)
         samples += _names(parts)

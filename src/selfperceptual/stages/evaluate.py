@@ -1,17 +1,26 @@
-"""evaluate: FID, Inception Score and precision/recall of one sampling row against the real reference images."""
+"""evaluate: FID (with a bootstrap interval), Inception Score, precision/recall and text alignment of
+one sampling row against the real reference images; keeps each image's features for the report.
+
+Text alignment, at the small scales: the fraction of samples that the evaluation classifier
+labels with their caption's shape and colour (the corpus's ``eval.parquet`` holds each caption's
+label). At the paper scale there are no such labels, and alignment is left out (CLIP score: not yet).
+"""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
 
+import pandas as pd
+import torch
 from PIL import Image
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from .. import tracking
 from ..device import runtime
 from ..evaluation import check_featnet, extract, load_extractor, metrics
 from ..experiments import ABLATION_RUNS, ALL_ROWS
+from ..intervals import FrechetToReference, bootstrap
 from ..io import write_json
 from ..sampling import grid, sample_images
 
@@ -22,6 +31,23 @@ GRID_IMAGES = 16
 def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat for each part)")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (each eval caption's label)")
+
+
+def caption_labels(corpus: Path) -> dict[str, int]:
+    """Eval caption -> its (shape, colour) label; empty where the corpus has none (COCO)."""
+    rows = pd.read_parquet(corpus / "eval.parquet", columns=["caption", "label"])
+    return {} if (rows["label"] < 0).any() else dict(zip(rows["caption"], rows["label"].astype(int), strict=True))
+
+
+def recognised(logits: torch.Tensor, prompts: list[str], labels: dict[str, int]) -> torch.Tensor | None:
+    """1 where the classifier's label of a sample is its caption's, else 0; None without labels or prompts."""
+    if not labels or not all(prompts):
+        return None
+    missing = sorted({prompt for prompt in prompts if prompt not in labels})
+    if missing:
+        raise SystemExit(f"evaluate: {len(missing)} prompts are not eval captions of the corpus, e.g. {missing[0]!r}")
+    return (logits.argmax(1) == torch.tensor([labels[prompt] for prompt in prompts])).float()
 
 
 def run(args, config, scale, out) -> None:
@@ -31,10 +57,17 @@ def run(args, config, scale, out) -> None:
     images = [Image.open(path).convert("RGB") for path in paths]
     device = runtime(config.evaluate.precision)
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
-    scores = {
-        **metrics(features, logits, load_file(args.featnet / "reference.safetensors"), config.evaluate.is_splits),
-        "num_images": len(images),
-    }
+    reference = load_file(args.featnet / "reference.safetensors")
+    scores = {**metrics(features, logits, reference, config.evaluate.is_splits), "num_images": len(images)}
+    if config.evaluate.bootstrap:
+        fid = FrechetToReference(reference["mu"], reference["sigma"])
+        scores["fid_low"], scores["fid_high"] = bootstrap(lambda i: fid(features[i]), len(images), config.evaluate.bootstrap)
+    per_image = {"features": features.float().contiguous()}
+    correct = recognised(logits, sampled["prompts"][: len(images)], caption_labels(args.corpus))
+    if correct is not None:
+        scores["alignment"] = float(correct.mean())
+        per_image["recognised"] = correct
+    save_file(per_image, out / "features.safetensors")  # the report's paired intervals and layout distances
     write_json(out / "metrics.json", {"row": row.name, **scores})
     grid([images[:GRID_IMAGES]]).save(out / "samples.png")
     tags = {
@@ -50,7 +83,7 @@ def run(args, config, scale, out) -> None:
         "steps": row.steps,
         "nfe": row.nfe,
     }
-    log.info("evaluate %s: FID %.2f, IS %.2f, precision %.3f, recall %.3f", row.name, scores["fid"], scores["is"], scores["precision"], scores["recall"])
+    log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
     return lambda: tracking.log_run(
         scale,
         stage=args.out.name,

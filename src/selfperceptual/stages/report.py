@@ -1,4 +1,4 @@
-"""report: Tables 1-8 with our numbers beside the paper's, and same-seed sample grids."""
+"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, and same-seed sample grids."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ from pathlib import Path
 
 import yaml
 from PIL import Image
+from safetensors.torch import load_file
 
+from ..claims import Evidence, Finding, RowRun, judge
 from ..experiments import GRIDS, TABLES
 from ..io import read_json, write_json
 from ..sampling import grid, sample_images
@@ -49,6 +51,7 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
         released = name == "table1" and any(f"authors_{entry.row}" in metrics for entry in table.rows)
         header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
         header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
+        header += ["FID 95% (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)"]
         rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
         for entry in table.rows:
             theirs = paper_entry(paper[name], entry.paper)
@@ -58,9 +61,37 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
             if released:
                 checkpoint = metrics.get(f"authors_{entry.row}", {}) if entry.row else {}
                 cells += [_fmt(checkpoint.get("fid")), _fmt(checkpoint.get("is"))]
+            low, high = ours.get("fid_low"), ours.get("fid_high")
+            cells += ["—" if low is None else f"[{low:.2f}, {high:.2f}]"]
+            cells += [_fmt(ours.get(key), 3) for key in ("precision", "recall", "alignment")]
             rows.append(settings + cells)
         tables[name] = rows
     return tables
+
+
+def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
+    """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed."""
+    runs: dict[str, list[RowRun]] = {}
+    for folder in evaluations:
+        metrics, saved = read_json(folder / "metrics.json"), load_file(folder / "features.safetensors")
+        runs.setdefault(metrics["row"], []).append(RowRun(metrics, saved["features"], saved.get("recognised")))
+    return runs
+
+
+def _signed(value) -> str:
+    return "—" if value is None else f"{value:+.3g}"
+
+
+def describe_finding(finding: Finding) -> str:
+    interval = "" if finding.low is None else f" [{_signed(finding.low)}, {_signed(finding.high)}]"
+    return f"{finding.difference.describe()}: {_signed(finding.estimate)}{interval}, {finding.source}"
+
+
+def claims_table(judged) -> list[list[str]]:
+    rows = [["Claim (paper)", "Verdict", "Difference: ours, 95% interval, over what"]]
+    for claim, verdict, findings in judged:
+        rows.append([claim.text, verdict, "; ".join(map(describe_finding, findings)) or "its rows were not run"])
+    return rows
 
 
 def markdown_table(rows: list[list[str]]) -> str:
@@ -106,6 +137,10 @@ def run(args, config, scale, out) -> None:
     sampled = {row: sample_images(folders) for row, folders in parts_of_row.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
+    evidence = Evidence(load_runs(args.evaluation), load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap,
+                        config.report.equivalence_margin)
+    judged = judge(evidence)
+    claims = claims_table(judged)
     count = min(config.report.grid_images, config.sample.num_images)
     grids = make_grids(sampled, count, out)
     caveat = {
@@ -119,6 +154,16 @@ def run(args, config, scale, out) -> None:
     md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
     page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",
             "<h1>Diffusion Model with Perceptual Loss: reproduction report</h1>", f"<p>{html.escape(intro)}</p>"]
+    verdicts_note = (
+        "Each verdict is computed: a difference is supported when its 95% interval lies wholly on the claimed side, contradicted "
+        "when wholly on the other, and not resolved otherwise; intervals are over training seeds where there are several, else a "
+        "paired bootstrap over the images of one run (same seeds and captions), which leaves out how much training runs differ. "
+        "There is no correction for the number of differences: at 95%, about one in twenty resolves by chance. FID: lower is "
+        "better; layout: the mean feature distance between samples of the same seed and caption; '≈' and '≳' allow "
+        f"{config.report.equivalence_margin:g}."
+    )
+    md.append(f"## The paper's claims\n\n{markdown_table(claims)}\n\n{verdicts_note}\n")
+    page.append(f"<h2>The paper's claims</h2>{html_table(claims)}<p>{html.escape(verdicts_note)}</p>")
     for name, rows in tables.items():
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
@@ -129,5 +174,12 @@ def run(args, config, scale, out) -> None:
     page.append("</body></html>")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text("\n".join(page))
-    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables})
+    verdicts = [
+        {"claim": claim.key, "text": claim.text, "verdict": verdict, "findings": [
+            {"difference": f.difference.describe(), "estimate": f.estimate, "low": f.low, "high": f.high, "source": f.source, "verdict": f.verdict}
+            for f in findings
+        ]}
+        for claim, verdict, findings in judged
+    ]  # fmt: skip
+    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "claims": verdicts})
     log.info("report: %s", out / "report.md")
