@@ -13,7 +13,7 @@ from snakemake.exceptions import WorkflowError
 from selfperceptual import tracking
 from selfperceptual.cluster import CLUSTER_FILE, TRAIN_RETRIES, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
 from selfperceptual.config import ParamsError, load_params
-from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, run_dir
+from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
 from selfperceptual.experiments import RELEASED_ROWS
 
 configfile: PARAMS_FILE
@@ -31,6 +31,15 @@ if MISSING:
 # One id for every MLflow run of this execution (jobs on a cluster inherit it).
 os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]}")
 STAGES = build_stages(CONFIG)
+
+# What ran is recorded with DVC when dvc.yaml describes this run: the scale params.yaml names, and
+# the DAG its settings give now (train.seeds and the num_jobs settings change the stages).
+with open(PARAMS_FILE) as handle:
+    DVC_SCALE = yaml.safe_load(handle)["scale"]
+DVC_CURRENT = os.path.isfile("dvc.yaml") and open("dvc.yaml").read() == render_dvc_yaml(PARAMS_FILE)
+if DVC_SCALE == SCALE and not DVC_CURRENT:
+    print("Warning: dvc.yaml does not match params.yaml (a changed train.seeds or num_jobs?); this run will not be "
+          "recorded with DVC. Run `make generate` to update dvc.yaml.")
 
 
 def at_scale(path):
@@ -59,11 +68,11 @@ onstart:
 onsuccess:
     # Record what ran with DVC, so `dvc status` agrees with Snakemake. dvc.yaml follows the scale
     # params.yaml names; a run of another scale (--config scale=...) is left unrecorded.
-    with open(PARAMS_FILE) as handle:
-        dvc_scale = yaml.safe_load(handle)["scale"]
     done = [stage.name for stage in STAGES if os.path.isdir(at_scale(stage.out))]
-    if dvc_scale == SCALE and done and os.path.isdir(".dvc"):
+    if DVC_SCALE == SCALE and DVC_CURRENT and done and os.path.isdir(".dvc"):
         shell("dvc commit --force --quiet " + " ".join(done))
-    elif dvc_scale != SCALE:
-        print(f"Not recorded in dvc.lock: params.yaml's scale is {dvc_scale!r}, this run's is {SCALE!r}.")
+    elif DVC_SCALE != SCALE:
+        print(f"Not recorded in dvc.lock: params.yaml's scale is {DVC_SCALE!r}, this run's is {SCALE!r}.")
+    elif not DVC_CURRENT:
+        print("Not recorded in dvc.lock: dvc.yaml does not match params.yaml; run `make generate`, then `dvc commit`.")
     print(tracking.ui_hint(tracking.prepare(SCALE)))

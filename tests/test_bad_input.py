@@ -304,6 +304,13 @@ def test_a_featnet_folder_missing_a_file_is_named_before_any_work(capsys, repo, 
     assert_nothing_written(tmp_path / "evaluate")
 
 
+@pytest.mark.parametrize(("row", "cause"), [("sp_s52", "no such sampling row"), ("sp_layer_decoder_s25_seed1", "sp_layer_decoder_s25 is not trained once per seed")])
+def test_an_unknown_sampling_row_is_named_before_any_work(capsys, repo, smoke_stages, tmp_path, row, cause):
+    code, first = stage(capsys, repo, "sample", tmp_path / "sample", "--model", smoke_stages / "base", "--corpus", smoke_stages / "corpus", "--row", row)
+    assert code == 1 and first.startswith(f"--row {row}: {cause}")
+    assert_nothing_written(tmp_path / "sample")
+
+
 def test_a_missing_samples_folder_is_named(capsys, repo, featnet_folder, tmp_path):
     code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample_mse_s25", "--featnet", featnet_folder)
     assert code == 1 and first == f"--samples {tmp_path / 'sample_mse_s25'}: no samples.json; run its sample stage"

@@ -70,6 +70,24 @@ def _dvc_stages(repo):
     return stages
 
 
+def test_training_seeds_repeat_the_table_1_and_8_runs_and_rows_only(repo):
+    from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
+
+    one = {stage.name: stage for stage in build_stages(load_params(repo / "params.yaml", "local", ["train.seeds=1"])[1])}
+    three = {stage.name: stage for stage in build_stages(load_params(repo / "params.yaml", "local", ["train.seeds=3", "train.seed=5"])[1])}
+    added = set(three) - set(one)
+    main = ("train_mse", "train_sp", "train_mse_uncond", "train_sp_uncond", "freeze", "freeze_uncond")
+    assert {name for name in added if not name.startswith(("sample_", "evaluate_"))} == {f"{name}_seed{k}" for name in main for k in (1, 2)}
+    table_rows = ("mse_s25", "mse_s50", "mse_cfg75_s25", "mse_cfg75_r07_s25", "sp_s25", "sp_s50", "uncond_mse_s25", "uncond_sp_s25")
+    assert {name for name in added if name.startswith("evaluate_")} == {f"evaluate_{row}_seed{k}" for row in table_rows for k in (1, 2)}
+    sp = three["train_sp_seed2"]
+    assert "--init runs/{scale}/train_mse_seed2" in sp.args and "--perceptual runs/{scale}/freeze_seed2" in sp.args
+    assert "--set train.seed=7" in sp.args and "train.seed=" not in three["train_sp"].args
+    assert "--model runs/{scale}/train_sp_uncond_seed1" in three["sample_uncond_sp_s25_seed1"].args
+    assert not any("_seed" in name for name in one) and {name for name in one if name.startswith("train_")} == set(TRAIN_RUNS)
+    assert {name for name in one if name.startswith("sample_")} == {f"sample_{row}" for row in SAMPLE_ROWS}
+
+
 def test_snakemake_and_dvc_dags_are_identical(repo):
     snakemake_rules, dvc_stages = _snakemake_rules(repo), _dvc_stages(repo)
     assert set(snakemake_rules) == set(dvc_stages)
@@ -141,3 +159,16 @@ def test_a_bad_params_key_stops_snakemake_before_any_job(tmp_path):
     assert result.returncode != 0
     assert "smoke.train.global_bach: unknown key" in result.stdout + result.stderr
     assert not (copy / "runs").exists()
+
+
+def test_a_dvc_yaml_behind_params_yaml_is_named_and_not_committed_to(tmp_path):
+    copy = copy_repository(tmp_path)
+    params = copy / "params.yaml"
+    local = params.read_text().index("\nlocal:")
+    text = params.read_text()
+    params.write_text(text[:local] + text[local:].replace("    seeds: 1\n", "    seeds: 3\n", 1))
+    result = run([sys.executable, "-m", "snakemake", "-n"], copy)
+    assert "dvc.yaml does not match params.yaml" in result.stdout + result.stderr and "rule train_sp_seed2:" in result.stdout
+    run([sys.executable, "-m", "selfperceptual.dag", "--write", "dvc.yaml"], copy)
+    result = run([sys.executable, "-m", "snakemake", "-n"], copy)
+    assert "dvc.yaml does not match" not in result.stdout + result.stderr

@@ -2,6 +2,7 @@
 
 import sys
 
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -19,7 +20,7 @@ def test_each_row_sits_beside_the_matching_paper_number(repo):
     tables = build_tables(ours, paper, real_is=7.0)
     header, *rows = tables["table1"]
     sp = dict(zip(header, next(row for row in rows if row[0] == "sp" and row[3] == "25"), strict=True))
-    assert [sp[key] for key in ("FID 95% (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)")] == ["[90.50, 111.25]", "0.610", "0.400", "0.875"]
+    assert [sp[key] for key in ("FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", "Training seeds")] == ["[90.50, 111.25]", "0.610", "0.400", "0.875", "—"]
     assert set(tables) == {f"table{n}" for n in range(1, 9)}
     by_setting = {tuple(r[:4]): r for r in tables["table1"][1:]}
     assert by_setting[("mse", "7.5", "0.7", "25")][5:9] == ["18.67", f"{ours['mse_cfg75_r07_s25']['fid']:.2f}", "34.17", f"{ours['mse_cfg75_r07_s25']['is']:.2f}"]
@@ -83,3 +84,28 @@ def test_a_bad_params_key_stops_dvc_repro_at_the_first_stage(tmp_path):
     assert result.returncode != 0
     assert "smoke.train.global_batch" in result.stdout + result.stderr
     assert not (copy / "runs" / "smoke" / "corpus").exists()
+
+
+def test_a_row_trained_with_several_seeds_is_reported_as_mean_and_interval(repo, tmp_path):
+    from safetensors.torch import save_file
+
+    from selfperceptual.io import write_json
+    from selfperceptual.stages.report import load_runs, over_training_seeds
+
+    folders = []
+    for name, fid in (("mse_s25_seed2", 14.0), ("mse_s25", 10.0), ("mse_s25_seed1", 12.0), ("sp_s25", 9.0)):
+        folder = tmp_path / f"evaluate_{name}"
+        folder.mkdir()
+        write_json(folder / "metrics.json", {"row": name, "fid": fid, "fid_low": fid - 1, "fid_high": fid + 2, "is": 2.0, "recall": 0.5})
+        save_file({"features": torch.full((4, 3), fid)}, folder / "features.safetensors")
+        folders.append(folder)
+    runs = load_runs(folders)
+    assert [run.metrics["row"] for run in runs["mse_s25"]] == ["mse_s25", "mse_s25_seed1", "mse_s25_seed2"] and len(runs["sp_s25"]) == 1
+    summary = over_training_seeds([run.metrics for run in runs["mse_s25"]])
+    assert summary["fid"] == 12.0 and summary["fid_spread"] == pytest.approx(4.302653 * 2 / 3**0.5, rel=1e-5)
+    assert summary["is_spread"] == 0.0 and (summary["fid_low"], summary["seeds"]) == (9.0, 3)  # the first seed's bootstrap
+    paper = yaml.safe_load((repo / "workflow/paper_results.yaml").read_text())
+    header, *rows = build_tables({"mse_s25": summary, "sp_s25": over_training_seeds([runs["sp_s25"][0].metrics])}, paper, real_is=7.0)["table1"]
+    cells = {(row[0], row[3], row[1]): dict(zip(header, row, strict=True)) for row in rows}
+    assert cells[("mse", "25", "—")]["FID (ours)"] == "12.00 ± 4.97" and cells[("mse", "25", "—")]["Training seeds"] == "3"
+    assert cells[("sp", "25", "—")]["FID (ours)"] == "9.00" and cells[("sp", "25", "—")]["Training seeds"] == "1"

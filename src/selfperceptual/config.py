@@ -129,6 +129,7 @@ class SelfPerceptualConfig(ObjectiveConfig):
 
 class TrainConfig(Section):
     seed: int = 0
+    seeds: int = Field(1, gt=0)  # the Table 1 and 8 runs are trained with seeds seed, seed+1, ...; the report's intervals are over them
     global_batch: int = Field(gt=0)  # samples per optimiser step, whatever the number of GPUs
     max_per_device_batch: int = Field(gt=0)  # memory cap: gradient accumulation makes up the rest
     precision: Precision  # of the forward and backward passes (autocast); weights, optimizer and EMA stay fp32

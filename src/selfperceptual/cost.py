@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .config import load_params
 from .dag import build_stages
-from .experiments import ALL_ROWS, TRAIN_RUNS
+from .experiments import row_named, train_run_named
 
 PEAK_BF16_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0}  # dense, SXM parts
 MARGIN = 1.5
@@ -120,7 +120,7 @@ def estimate(config, peak_tflops: float, utilization: float, kept_rows: int, mea
     for stage in stages:
         resources = config.resources.of(stage.command)
         if stage.command == "train":
-            run = TRAIN_RUNS[stage.name]
+            run = train_run_named(stage.name)
             objective = config.train.mse if run.objective == "mse" else config.train.sp
             layer = dict(setting.split("=") for setting in run.settings).get("train.sp.layer", config.train.sp.layer)
             per_image = train_flops_per_image(resolution, run.objective, layer)
@@ -129,7 +129,7 @@ def estimate(config, peak_tflops: float, utilization: float, kept_rows: int, mea
             note = f"{objective.num_steps} steps x {config.train.global_batch}, {per_image / 1e12:.2f} TFLOP/image"
             jobs.append(Job(stage.name, "train", resources.gpus * resources.nodes, seconds / 3600, 1, note))
         elif stage.command == "sample":
-            row = ALL_ROWS[stage.args.split("--row ")[1].split()[0]]
+            row = row_named(stage.args.split("--row ")[1].split()[0])
             per_image = row.nfe * counts["unet_forward"] + counts["vae_decode"] + 2 * counts["text"]
             seconds = config.sample.num_images / config.sample.num_jobs * per_image / rate
             jobs.append(Job(stage.name, "sample", resources.gpus, seconds / 3600, 1,

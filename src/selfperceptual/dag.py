@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_params
-from .experiments import FREEZES, RELEASED_MODELS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
+from .experiments import RELEASED_MODELS, RELEASED_ROWS, plan
 
 PARAMS_FILE = "params.yaml"
 PAPER_RESULTS = "workflow/paper_results.yaml"
@@ -88,16 +88,18 @@ def build_stages(config) -> list[Stage]:
         *encodes,
     ]
     train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
-    for run in TRAIN_RUNS.values():
+    runs = plan(config.train.seeds)
+    for run in runs.train_runs.values():
         inputs = {"data": _names(encodes), "init": [run.init], **({"perceptual": [run.perceptual]} if run.perceptual else {})}
         extra = " ".join([
             f"--objective {run.objective} --conditioning {run.conditioning} --checkpoints {checkpoint_dir(run.name)}",
             *(f"--set {s}" for s in run.settings),
+            *([f"--set train.seed={config.train.seed + run.seed}"] if run.seed else []),
         ])
         stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}"), extra))
-    for name, source in FREEZES.items():
+    for name, source in runs.freezes.items():
         stages.append(_stage(name, "freeze", {"model": [source]}, ()))
-    rows = list(SAMPLE_ROWS.values())
+    rows = list(runs.rows.values())
     if config.authors:  # the authors' checkpoints, imported as base models are
         for model in RELEASED_MODELS.values():
             path = getattr(config.authors, model.objective)

@@ -9,7 +9,17 @@ report (``stages/report.py``) both read them.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+
+
+def seeded(name: str, seed: int) -> str:
+    return name if seed == 0 else f"{name}_seed{seed}"
+
+
+def unseeded(name: str) -> tuple[str, int]:
+    """``"sp_s25_seed2"`` -> ``("sp_s25", 2)``; a name without the suffix is seed 0."""
+    head, sep, tail = name.rpartition("_seed")
+    return (head, int(tail)) if sep and tail.isdigit() and int(tail) > 0 else (name, 0)
 
 
 @dataclass(frozen=True)
@@ -20,6 +30,7 @@ class TrainRun:
     init: str  # stage whose pipeline is the starting point
     perceptual: str | None = None  # freeze stage that provides f* (SP only)
     settings: tuple[str, ...] = ()  # --set overrides of the scale block (the ablations)
+    seed: int = 0  # added to train.seed: the training seeds of the Table 1 and 8 runs (train.seeds)
 
 
 @dataclass(frozen=True)
@@ -32,11 +43,11 @@ class SampleRow:
 
     @property
     def conditioning(self) -> str:
-        return MODELS[self.model].conditioning
+        return MODELS[unseeded(self.model)[0]].conditioning
 
     @property
     def objective(self) -> str:
-        return MODELS[self.model].objective
+        return MODELS[unseeded(self.model)[0]].objective
 
     @property
     def nfe(self) -> int:
@@ -44,7 +55,8 @@ class SampleRow:
 
     @property
     def tables(self) -> list[str]:
-        return [name for name, table in TABLES.items() if any(entry.row == self.name for entry in table.rows)]
+        name = unseeded(self.name)[0]
+        return [table_name for table_name, table in TABLES.items() if any(entry.row == name for entry in table.rows)]
 
 
 def _sp_ablation(name: str, *settings: str, init: str = "train_mse", perceptual: str = "freeze") -> TrainRun:
@@ -217,3 +229,57 @@ GRIDS = {
     "text": ("mse_s25", "sp_s25", "mse_cfg75_r07_s25"),
     "uncond": ("uncond_mse_s25", "uncond_sp_s25"),
 }
+
+
+# Training seeds (``train.seeds``). The Table 1 and 8 runs are trained once per seed; a run of seed
+# k > 0 is the seed-0 run's stage with ``_seed<k>`` appended to its name and to each seeded
+# stage it starts from, and ``train.seed`` raised by k. Their Table 1 and 8 rows are sampled and
+# evaluated for every seed with the same sampling seeds; ablation rows stay single-seed.
+SEEDED_RUNS = ("train_mse", "train_sp", "train_mse_uncond", "train_sp_uncond")
+SEEDED_TABLES = ("table1", "table8")
+
+
+def _seeded_row(row: SampleRow) -> bool:
+    return row.model in SEEDED_RUNS and any(table in row.tables for table in SEEDED_TABLES)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one scale trains, freezes and samples, its training seeds included."""
+
+    train_runs: dict[str, TrainRun]
+    freezes: dict[str, str]  # freeze stage -> the training stage it copies
+    rows: dict[str, SampleRow]
+
+
+def plan(seeds: int) -> Plan:
+    runs, freezes, rows = dict(TRAIN_RUNS), dict(FREEZES), dict(SAMPLE_ROWS)
+    for seed in range(1, seeds):
+        for name in SEEDED_RUNS:
+            run = TRAIN_RUNS[name]
+            runs[seeded(name, seed)] = replace(
+                run, name=seeded(name, seed), init=seeded(run.init, seed) if run.init in SEEDED_RUNS else run.init,
+                perceptual=seeded(run.perceptual, seed) if run.perceptual else None, seed=seed,
+            )  # fmt: skip
+        frozen = {TRAIN_RUNS[name].perceptual for name in SEEDED_RUNS}  # the seeded SP runs' f*
+        freezes |= {seeded(name, seed): seeded(source, seed) for name, source in FREEZES.items() if name in frozen}
+        rows |= {seeded(row.name, seed): row_named(seeded(row.name, seed)) for row in SAMPLE_ROWS.values() if _seeded_row(row)}
+    return Plan(runs, freezes, rows)
+
+
+def row_named(name: str) -> SampleRow:
+    """Any sampling row by name, a training seed's included; KeyError for no such row."""
+    base, seed = unseeded(name)
+    if base not in ALL_ROWS:
+        raise KeyError(f"no such sampling row; the rows are {', '.join(sorted(ALL_ROWS))}, and those of Tables 1 and 8 with _seed<k>")
+    row = ALL_ROWS[base]
+    if not seed:
+        return row
+    if not _seeded_row(row):
+        raise KeyError(f"{base} is not trained once per seed (only the rows of Tables 1 and 8 are)")
+    return replace(row, name=name, model=seeded(row.model, seed))
+
+
+def train_run_named(name: str) -> TrainRun:
+    base, seed = unseeded(name)
+    return plan(seed + 1).train_runs[name] if seed else TRAIN_RUNS[base]

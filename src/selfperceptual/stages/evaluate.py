@@ -19,7 +19,7 @@ from safetensors.torch import load_file, save_file
 from .. import tracking
 from ..device import runtime
 from ..evaluation import check_featnet, extract, load_extractor, metrics
-from ..experiments import ABLATION_RUNS, ALL_ROWS
+from ..experiments import ABLATION_RUNS, row_named, unseeded
 from ..intervals import FrechetToReference, bootstrap
 from ..io import write_json
 from ..sampling import grid, sample_images
@@ -53,7 +53,7 @@ def recognised(logits: torch.Tensor, prompts: list[str], labels: dict[str, int])
 def run(args, config, scale, out) -> None:
     check_featnet(args.featnet)
     sampled, paths = sample_images(args.samples)
-    row = ALL_ROWS[sampled["row"]]
+    row = row_named(sampled["row"])
     images = [Image.open(path).convert("RGB") for path in paths]
     device = runtime(config.evaluate.precision)
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
@@ -73,6 +73,8 @@ def run(args, config, scale, out) -> None:
     tags = {
         "kind": "evaluate",
         "row": row.name,
+        "row_without_seed": unseeded(row.name)[0],  # the runs of one row over training seeds share it
+        "training_seed": unseeded(row.name)[1],
         "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
         "model": row.model,
         "ablation": row.model.removeprefix("train_sp_") if row.model in {run.name for run in ABLATION_RUNS} else "none",

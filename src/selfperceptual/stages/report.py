@@ -11,7 +11,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from ..claims import Evidence, Finding, RowRun, judge
-from ..experiments import GRIDS, TABLES
+from ..experiments import GRIDS, TABLES, unseeded
+from ..intervals import over_seeds
 from ..io import read_json, write_json
 from ..sampling import grid, sample_images
 
@@ -25,8 +26,27 @@ def add_arguments(parser) -> None:
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
 
 
-def _fmt(value, digits=2) -> str:
-    return "—" if value is None else f"{value:.{digits}f}"
+def _fmt(value, digits=2, spread=None) -> str:
+    """``value``, with `` ± spread`` (the half-width of its 95% interval over training seeds) when it has one."""
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
+
+
+SEED_METRICS = ("fid", "is", "precision", "recall", "alignment")
+
+
+def over_training_seeds(runs: list[dict]) -> dict:
+    """One row's metrics over its training seeds: the mean of each, with ``<key>_spread``, the
+    half-width of its 95% t interval, where there are two seeds or more; the first seed's
+    bootstrap interval of FID (``fid_low``, ``fid_high``) stays."""
+    summary = {**runs[0], "seeds": len(runs)}
+    if len(runs) > 1:
+        for key in SEED_METRICS:
+            if all(key in run for run in runs):
+                summary[key], low, high = over_seeds([run[key] for run in runs])
+                summary[f"{key}_spread"] = (high - low) / 2
+    return summary
 
 
 def _cell(value) -> str:
@@ -51,35 +71,40 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
         released = name == "table1" and any(f"authors_{entry.row}" in metrics for entry in table.rows)
         header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
         header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
-        header += ["FID 95% (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)"]
+        header += ["FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", "Training seeds"]
         rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
         for entry in table.rows:
             theirs = paper_entry(paper[name], entry.paper)
             ours = {"fid": 0.0, "is": real_is} if entry.row is None else metrics.get(entry.row, {})
             settings = [_cell(theirs.get(column, entry.paper.get(column))) for column in table.columns]
-            cells = [_fmt(theirs.get("fid")), _fmt(ours.get("fid")), _fmt(theirs.get("is")), _fmt(ours.get("is"))]
+            cells = [_fmt(theirs.get("fid")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")), _fmt(theirs.get("is")),
+                     _fmt(ours.get("is"), 2, ours.get("is_spread"))]
             if released:
                 checkpoint = metrics.get(f"authors_{entry.row}", {}) if entry.row else {}
                 cells += [_fmt(checkpoint.get("fid")), _fmt(checkpoint.get("is"))]
             low, high = ours.get("fid_low"), ours.get("fid_high")
             cells += ["—" if low is None else f"[{low:.2f}, {high:.2f}]"]
-            cells += [_fmt(ours.get(key), 3) for key in ("precision", "recall", "alignment")]
+            cells += [_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")]
+            cells += [str(ours.get("seeds", "—")) if entry.row else "—"]
             rows.append(settings + cells)
         tables[name] = rows
     return tables
 
 
 def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
-    """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed."""
-    runs: dict[str, list[RowRun]] = {}
+    """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed, in seed order."""
+    found: dict[str, list[tuple[int, RowRun]]] = {}
     for folder in evaluations:
         metrics, saved = read_json(folder / "metrics.json"), load_file(folder / "features.safetensors")
-        runs.setdefault(metrics["row"], []).append(RowRun(metrics, saved["features"], saved.get("recognised")))
-    return runs
+        row, seed = unseeded(metrics["row"])
+        found.setdefault(row, []).append((seed, RowRun(metrics, saved["features"], saved.get("recognised"))))
+    return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
 
 
 def _signed(value) -> str:
-    return "—" if value is None else f"{value:+.3g}"
+    if value is None:
+        return "—"
+    return f"{0.0 if abs(value) < 1e-9 else value:+.3g}"  # float noise of equal numbers shows as +0
 
 
 def describe_finding(finding: Finding) -> str:
@@ -130,14 +155,15 @@ def grid_legend(prompts: list[str]) -> str:
 
 def run(args, config, scale, out) -> None:
     paper = yaml.safe_load(args.paper_results.read_text())
-    metrics = {m["row"]: m for m in (read_json(folder / "metrics.json") for folder in args.evaluation)}
+    runs = load_runs(args.evaluation)
+    metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
     parts_of_row: dict[str, list[Path]] = {}
     for folder in args.samples:
         parts_of_row.setdefault(read_json(folder / "samples.json")["row"], []).append(folder)
     sampled = {row: sample_images(folders) for row, folders in parts_of_row.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
-    evidence = Evidence(load_runs(args.evaluation), load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap,
+    evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap,
                         config.report.equivalence_margin)
     judged = judge(evidence)
     claims = claims_table(judged)
@@ -147,9 +173,13 @@ def run(args, config, scale, out) -> None:
         "paper": "",
         "rehearsal": " The rehearsal's models and Inception weights are random stand-ins: its numbers test the code paths, not the method.",
     }.get(scale, " Small-scale numbers are not on the paper's absolute scale; compare the directions (SP vs MSE, CFG vs none) and the gaps.")
+    seeds = (
+        f" The Table 1 and 8 runs are trained with {config.train.seeds} seeds (mean ± half its 95% interval over them); the ablations once."
+        if config.train.seeds > 1 else " Every run is trained once (one training seed)."
+    )  # fmt: skip
     intro = (
         f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
-        f"`{config.featnet.kind}` feature network.{caveat}"
+        f"`{config.featnet.kind}` feature network.{seeds}{caveat}"
     )
     md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
     page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",

@@ -13,7 +13,7 @@ import pandas as pd
 from tqdm import tqdm
 
 from ..device import runtime
-from ..experiments import ALL_ROWS
+from ..experiments import row_named
 from ..io import write_json
 from ..models import load_stage_pipeline
 from ..sampling import generate
@@ -25,12 +25,16 @@ log = logging.getLogger("sample")
 def add_arguments(parser) -> None:
     parser.add_argument("--model", type=Path, required=True, help="folder whose pipeline/ samples")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (eval captions)")
-    parser.add_argument("--row", choices=sorted(ALL_ROWS), required=True, help="the sampling row (steps, CFG, rescale)")
+    parser.add_argument("--row", required=True, help="the sampling row (steps, CFG, rescale), e.g. sp_s25 or sp_s25_seed1")
     add_part_argument(parser, "the images (in blocks of sample.batch)")
 
 
 def run(args, config, scale, out) -> None:
-    settings, row = config.sample, ALL_ROWS[args.row]
+    try:
+        row = row_named(args.row)
+    except KeyError as error:
+        raise SystemExit(f"--row {args.row}: {error.args[0]}") from None
+    settings = config.sample
     index, count = checked_part(args.part, settings.num_jobs, "sample.num_jobs")
     captions = pd.read_parquet(args.corpus / "eval.parquet")["caption"].tolist()[: settings.num_images]
     prompts = captions if row.conditioning == "text" else [""] * len(captions)
