@@ -40,12 +40,17 @@ def check_outputs_and_runs(copy):
     verdicts = {claim["claim"]: claim["verdict"] for claim in results["claims"]}
     assert verdicts.keys() == {claim.key for claim in CLAIMS} and set(verdicts.values()) <= set(VERDICTS)
     assert "## The paper's claims" in report and report.index("## The paper's claims") < report.index("## Table 1")
-    assert (runs_dir / "report" / "grid_text.png").is_file() and (runs_dir / "report" / "report.html").is_file()
+    assert (runs_dir / "report" / "report.html").is_file()
+    for figure in ("fig3_4.png", "fig5_uncond.png", "fig6_x0.png", "loss_curves.png"):
+        assert (runs_dir / "report" / figure).is_file() and f"]({figure})" in report
     first_caption = json.loads((runs_dir / "sample_mse_s25" / "samples.json").read_text())["captions"][0]
-    assert f"1. {first_caption};" in report  # the grid's legend names what each row was asked for
+    assert f"1. {first_caption};" in report  # the figure's legend names what each row was asked for
+    figures = json.loads((runs_dir / "figures" / "figures.json").read_text())
+    assert figures["fig6_timesteps"] == [f"t={t}" for t in range(1000, 0, -100)] + ["final"]
 
     runs = _runs(copy)
-    assert len(runs) == len(TRAIN_RUNS) + len(SAMPLE_ROWS)
+    assert len(runs) == len(TRAIN_RUNS) + len(SAMPLE_ROWS) + 1  # and the figures
+    assert (runs["tags.kind"] == "figures").sum() == 1
     assert runs["tags.pipeline_execution"].nunique() == 1
     evaluations = runs[runs["tags.kind"] == "evaluate"].set_index("tags.row")
     assert set(evaluations.index) == set(SAMPLE_ROWS)

@@ -72,3 +72,18 @@ def test_sampling_is_deterministic_per_seed_and_cfg_changes_it(saved_pipeline):
     assert difference(first[0], first[1]).mean() > 2
     assert difference(first[0], guided[0]).mean() > 2
     assert first[0].size == (32, 32)
+
+
+def test_the_x0_trajectory_is_the_schedulers_own_and_ends_in_the_final_image(saved_pipeline):
+    from selfperceptual.stages.figures import x0_trajectory
+
+    pipeline = load_pipeline(saved_pipeline)
+    pipeline.set_progress_bar_config(disable=True)
+    headings, images = x0_trajectory(pipeline, "a red circle", 3, None, None)
+    assert headings == [f"t={t}" for t in range(1000, 0, -100)] + ["final"] and len(images) == 11
+    assert "step" not in vars(pipeline.scheduler)  # the recording hook is gone
+    final = np.asarray(images[-1], dtype=np.int16)
+    assert np.abs(np.asarray(images[-2], dtype=np.int16) - final).max() <= 1  # the last step's x0 is the sample (alpha = 1 at the end)
+    assert np.abs(np.asarray(images[0], dtype=np.int16) - final).mean() > 1  # and the first is not yet
+    again = generate(pipeline, ["a red circle"], [3], 10, None, None)[0]
+    assert np.array_equal(np.asarray(again), np.asarray(images[-1]))  # recording changes nothing

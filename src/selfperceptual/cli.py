@@ -21,7 +21,7 @@ from .config import ParamsError, load_params
 from .io import atomic_dir, write_json
 from .tracking import TrackingError
 
-STAGES = ("corpus", "filter", "download", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate", "report")
+STAGES = ("corpus", "filter", "download", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate", "figures", "report")
 
 
 def _parser(names=STAGES) -> argparse.ArgumentParser:

@@ -185,8 +185,18 @@ class AuthorsConfig(Section):
     sp: str
 
 
+class FiguresConfig(Section):
+    """The paper's Figures 3-6 (the figures stage), each sampled with seeds ``seed``, ``seed`` + 1, ..."""
+
+    prompts: Literal["eval_captions", "drawbench"]  # Fig. 3/4: held-out eval captions, or the DrawBench prompts of the paper's Fig. 3 and 4
+    num_prompts: int = Field(gt=0)  # Fig. 3/4: rows (at most 24 DrawBench prompts)
+    uncond_images: int = Field(gt=0)  # Fig. 5: rows
+    uncond_steps: int = Field(gt=0)  # Fig. 5: DDIM steps (the paper's 1000)
+    x0_prompts: int = Field(gt=0)  # Fig. 6: captions, each with an MSE, an MSE+CFG and an SP row
+    seed: int = 0
+
+
 class ReportConfig(Section):
-    grid_images: int = Field(gt=0)
     equivalence_margin: float = Field(ge=0)  # "keeps" / "unchanged" claims: a recall or alignment difference this small counts as none
 
 
@@ -214,6 +224,7 @@ class ResourcesConfig(Section):
     freeze: JobResources | None = None
     sample: JobResources | None = None
     evaluate: JobResources | None = None
+    figures: JobResources | None = None
     report: JobResources | None = None
 
     def of(self, command: str) -> JobResources:
@@ -231,6 +242,7 @@ class ScaleConfig(Section):
     featnet: FeatNetConfig
     sample: SampleConfig
     evaluate: EvaluateConfig
+    figures: FiguresConfig
     report: ReportConfig
     resources: ResourcesConfig
     authors: AuthorsConfig | None = None

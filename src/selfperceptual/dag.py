@@ -105,7 +105,7 @@ def build_stages(config) -> list[Stage]:
             path = getattr(config.authors, model.objective)
             stages.append(_stage(model.name, "base", {}, ("schedule", f"authors.{model.objective}"), f"--set base.pretrained={path}"))
         rows += RELEASED_ROWS.values()
-    evaluations, samples = [], []
+    evaluations = []
     for row in rows:
         parts = _split(
             f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
@@ -115,8 +115,12 @@ def build_stages(config) -> list[Stage]:
         )
         stages += [*parts, evaluation]
         evaluations.append(evaluation.name)
-        samples += _names(parts)
-    report = _stage("report", "report", {"evaluation": evaluations, "samples": samples, "featnet": ["featnet"]}, ("report",), f"--paper-results {PAPER_RESULTS}")
+    figures = {"mse": ["train_mse"], "sp": ["train_sp"], "uncond_mse": ["train_mse_uncond"], "uncond_sp": ["train_sp_uncond"], "corpus": ["corpus"]}
+    stages.append(_stage("figures", "figures", figures, ("figures", "sample.precision", "schedule")))
+    report = _stage(
+        "report", "report", {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"]},
+        ("report", "evaluate.bootstrap", "train.seeds"), f"--paper-results {PAPER_RESULTS}",
+    )  # fmt: skip
     stages.append(Stage(report.name, report.command, report.args, (*report.deps, PAPER_RESULTS), report.params))
     return stages
 

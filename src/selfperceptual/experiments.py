@@ -224,13 +224,6 @@ RELEASED_ROWS = {
 }
 ALL_ROWS = {**SAMPLE_ROWS, **RELEASED_ROWS}
 
-# Same-seed grids of the report (Fig. 3/4 and Fig. 5): columns, left to right.
-GRIDS = {
-    "text": ("mse_s25", "sp_s25", "mse_cfg75_r07_s25"),
-    "uncond": ("uncond_mse_s25", "uncond_sp_s25"),
-}
-
-
 # Training seeds (``train.seeds``). The Table 1 and 8 runs are trained once per seed; a run of seed
 # k > 0 is the seed-0 run's stage with ``_seed<k>`` appended to its name and to each seeded
 # stage it starts from, and ``train.seed`` raised by k. Their Table 1 and 8 rows are sampled and
@@ -283,3 +276,32 @@ def row_named(name: str) -> SampleRow:
 def train_run_named(name: str) -> TrainRun:
     base, seed = unseeded(name)
     return plan(seed + 1).train_runs[name] if seed else TRAIN_RUNS[base]
+
+
+# The DrawBench prompts of the paper's Figures 3 and 4, in their order (Saharia et al. 2022).
+DRAWBENCH_FIGURE_PROMPTS = (
+    "New York Skyline with 'Deep Learning' written with fireworks on the sky.",
+    "An elephant is behind a tree. You can see the trunk on one side and the back legs on the other.",
+    "A couple of glasses are sitting on a table.",
+    "One car on the street.",
+    "A laptop on top of a teddy bear.",
+    "A giraffe underneath a microwave.",
+    "A yellow book and a red vase.",
+    "One cat and one dog sitting on the grass.",
+    "A painting by Grant Wood of an astronaut couple, american gothic style.",
+    "A blue colored dog.",
+    "McDonalds Church.",
+    "Photo of a cat singing in a barbershop quartet.",
+    "A black colored car.",
+    "A black colored sandwich.",
+    "A fish eating a pelican.",
+    "A green apple and a black backpack.",
+    "A green cup and a blue cell phone.",
+    "A horse riding an astronaut.",
+    "A pink colored giraffe.",
+    "A red colored car.",
+    "A separate seat for one person, typically with a back and four legs.",
+    "A sign that says 'Diffusion'.",
+    "A sheep to the right of a wine glass.",
+    "A photo of a confused grizzly bear in calculus class.",
+)

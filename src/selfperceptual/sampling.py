@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from .io import read_json
 
@@ -24,18 +24,29 @@ def generate(pipeline, prompts: list[str], seeds: list[int], steps: int, cfg: fl
     ).images
 
 
-def grid(columns: list[list[Image.Image]], pad: int = 2, min_side: int = 0) -> Image.Image:
+def grid(columns: list[list[Image.Image]], pad: int = 2, min_side: int = 0, headings: list[str] | None = None,
+         row_labels: list[str] | None = None) -> Image.Image:
     """Images side by side: one column per list, one row per prompt. Images smaller than
-    ``min_side`` are enlarged by a whole factor (nearest neighbour, so no pixel is invented)."""
+    ``min_side`` are enlarged by a whole factor (nearest neighbour, so no pixel is invented).
+    ``headings`` are written above the columns and ``row_labels`` left of the rows, in the image."""
     factor = max(1, -(-min_side // min(columns[0][0].size)))
     if factor > 1:
         columns = [[image.resize((image.width * factor, image.height * factor), Image.NEAREST) for image in column] for column in columns]
     width, height = columns[0][0].size
     rows = len(columns[0])
-    canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, rows * (height + pad) + pad), (255, 255, 255))
+    font = ImageFont.load_default(size=max(10, min(18, width // 7)))
+    top = int(font.size * 1.6) if headings else 0
+    left = (max(int(font.getlength(label)) for label in row_labels) + 3 * pad) if row_labels else 0
+    canvas = Image.new("RGB", (left + len(columns) * (width + pad) + pad, top + rows * (height + pad) + pad), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
     for c, column in enumerate(columns):
+        x = left + pad + c * (width + pad)
+        if headings:
+            draw.text((x + width / 2, top / 2), headings[c], fill=(0, 0, 0), font=font, anchor="mm")
         for r, image in enumerate(column):
-            canvas.paste(image, (pad + c * (width + pad), pad + r * (height + pad)))
+            canvas.paste(image, (x, top + pad + r * (height + pad)))
+    for r, label in enumerate(row_labels or []):
+        draw.text((pad, top + pad + r * (height + pad) + height / 2), label, fill=(0, 0, 0), font=font, anchor="lm")
     return canvas
 
 

@@ -1,27 +1,26 @@
-"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, and same-seed sample grids."""
+"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, and Figures 3-6 and the loss curves."""
 
 from __future__ import annotations
 
 import html
 import logging
+import shutil
 from pathlib import Path
 
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
 from ..claims import Evidence, Finding, RowRun, judge
-from ..experiments import GRIDS, TABLES, unseeded
+from ..experiments import TABLES, unseeded
 from ..intervals import over_seeds
 from ..io import read_json, write_json
-from ..sampling import grid, sample_images
 
 log = logging.getLogger("report")
 
 
 def add_arguments(parser) -> None:
     parser.add_argument("--evaluation", type=Path, action="append", required=True, help="an evaluate stage's folder (repeat)")
-    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat, parts included)")
+    parser.add_argument("--figures", type=Path, required=True, help="the figures stage's folder")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
 
@@ -131,21 +130,6 @@ def html_table(rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
-GRID_MIN_SIDE = 128  # small-scale samples (32 px) are enlarged in the grids so they can be seen
-
-
-def make_grids(sampled: dict[str, tuple[dict, list[Path]]], count: int, out: Path) -> dict[str, tuple[str, str]]:
-    """Same seeds, same captions, one column per row of GRIDS, from each row's (samples.json,
-    image paths); returns file name -> (caption, legend)."""
-    made = {}
-    for name, columns in GRIDS.items():
-        images = [[Image.open(path) for path in sampled[row][1][:count]] for row in columns]
-        file_name = f"grid_{name}.png"
-        grid(images, min_side=GRID_MIN_SIDE).save(out / file_name)
-        made[file_name] = (" | ".join(columns), grid_legend(sampled[columns[0]][0]["prompts"][:count]))
-    return made
-
-
 def grid_legend(prompts: list[str]) -> str:
     """What each grid row was asked for, top to bottom."""
     if not any(prompts):
@@ -153,22 +137,33 @@ def grid_legend(prompts: list[str]) -> str:
     return "Rows, top to bottom: " + "; ".join(f"{i}. {prompt or '(empty prompt)'}" for i, prompt in enumerate(prompts, 1)) + "."
 
 
+def figures(folder: Path) -> list[tuple[str, str, str]]:
+    """(file name, title, legend) of each figure of the figures stage, in the paper's order."""
+    made = read_json(folder / "figures.json")
+    guidance = made["guidance"]
+    cfg = f"CFG {guidance['cfg']:g}, rescale {guidance['rescale']:g}, {guidance['steps']} steps"
+    return [
+        ("fig3_4.png", f"Figures 3 and 4: MSE | SP | MSE+CFG, 50 NFEs ({cfg}), same seed per row", grid_legend(made["fig3_4_prompts"])),
+        ("fig5_uncond.png", f"Figure 5: unconditional MSE | SP, DDIM {made['fig5_steps']} steps, same seeds", grid_legend([""])),
+        ("fig6_x0.png", "Figure 6: the x0 prediction at each step of a 10-step DDIM, then the final image; MSE, MSE+CFG and SP, same seed",
+         grid_legend([p for p in made["fig6_prompts"] for _ in range(3)])),
+        ("loss_curves.png", "Training loss of the four main runs", ""),
+    ]
+
+
 def run(args, config, scale, out) -> None:
     paper = yaml.safe_load(args.paper_results.read_text())
     runs = load_runs(args.evaluation)
     metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
-    parts_of_row: dict[str, list[Path]] = {}
-    for folder in args.samples:
-        parts_of_row.setdefault(read_json(folder / "samples.json")["row"], []).append(folder)
-    sampled = {row: sample_images(folders) for row, folders in parts_of_row.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
     evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap,
                         config.report.equivalence_margin)
     judged = judge(evidence)
     claims = claims_table(judged)
-    count = min(config.report.grid_images, config.sample.num_images)
-    grids = make_grids(sampled, count, out)
+    shown = figures(args.figures)
+    for file_name, _, _ in shown:
+        shutil.copy2(args.figures / file_name, out / file_name)
     caveat = {
         "paper": "",
         "rehearsal": " The rehearsal's models and Inception weights are random stand-ins: its numbers test the code paths, not the method.",
@@ -198,9 +193,9 @@ def run(args, config, scale, out) -> None:
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
-    for file_name, (caption, legend) in grids.items():
-        md.append(f"## Same-seed samples: {caption}\n\n![{caption}]({file_name})\n\n{legend}\n")
-        page.append(f"<h2>Same-seed samples: {html.escape(caption)}</h2><img src='{file_name}' alt='{html.escape(caption)}'><p>{html.escape(legend)}</p>")
+    for file_name, title, legend in shown:
+        md.append(f"## {title}\n\n![{title}]({file_name})\n\n{legend}\n")
+        page.append(f"<h2>{html.escape(title)}</h2><img src='{file_name}' alt='{html.escape(title)}'><p>{html.escape(legend)}</p>")
     page.append("</body></html>")
     (out / "report.md").write_text("\n".join(md))
     (out / "report.html").write_text("\n".join(page))
