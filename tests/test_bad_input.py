@@ -293,13 +293,14 @@ def featnet_folder(repo, smoke_stages, tmp_path_factory):
 
 
 @pytest.mark.parametrize("removed", ["reference.safetensors", "featnet.safetensors", "extractor.json"])
-def test_a_featnet_folder_missing_a_file_is_named_before_any_work(capsys, repo, featnet_folder, tmp_path, removed):
+def test_a_featnet_folder_missing_a_file_is_named_before_any_work(capsys, repo, smoke_stages, featnet_folder, tmp_path, removed):
     import shutil
 
     broken = tmp_path / "featnet"
     shutil.copytree(featnet_folder, broken)
     (broken / removed).unlink()
-    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "no-samples", "--featnet", broken)
+    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "no-samples", "--featnet", broken,
+                        "--corpus", smoke_stages / "corpus")
     assert code == 1 and first.startswith(f"--featnet {broken}:") and removed in first
     assert_nothing_written(tmp_path / "evaluate")
 
@@ -311,8 +312,9 @@ def test_an_unknown_sampling_row_is_named_before_any_work(capsys, repo, smoke_st
     assert_nothing_written(tmp_path / "sample")
 
 
-def test_a_missing_samples_folder_is_named(capsys, repo, featnet_folder, tmp_path):
-    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample_mse_s25", "--featnet", featnet_folder)
+def test_a_missing_samples_folder_is_named(capsys, repo, smoke_stages, featnet_folder, tmp_path):
+    code, first = stage(capsys, repo, "evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample_mse_s25", "--featnet", featnet_folder,
+                        "--corpus", smoke_stages / "corpus")
     assert code == 1 and first == f"--samples {tmp_path / 'sample_mse_s25'}: no samples.json; run its sample stage"
     assert_nothing_written(tmp_path / "evaluate")
 
@@ -325,7 +327,8 @@ KILLED = {  # stage -> (its arguments, a file that shows it is halfway through w
     "download": (["--filtered", "{stalling_filter}", "--corpus", "{corpus}", "--set", "download.timeout_s=3"], "shards/*.tar", "stats.json"),
     "encode": (["--images", "{download}", "--base", "{base}"], "shards/*.safetensors", "index.json"),
     "featnet": (["--corpus", "{corpus}"], "params.json", "summary.json"),  # killed while its network trains
-    "sample": (["--model", "{base}", "--corpus", "{corpus}", "--row", "mse_s50", "--set", "sample.batch=2"], "images/*.png", "samples.json"),
+    "sample": (["--model", "{base}", "--corpus", "{corpus}", "--row", "mse_s25", "--set", "sample.batch=2", "--set", "sample.num_images=8"],
+               "images/*.png", "samples.json"),
 }  # train: tests/test_resume.py
 
 

@@ -98,7 +98,8 @@ def test_a_stage_logs_to_an_mlflow_server(mlflow_server, smoke_stages, tmp_path,
     monkeypatch.setenv("MLFLOW_TRACKING_URI", mlflow_server)
     monkeypatch.setenv(tracking.EXECUTION_ENV, "server-test")
     monkeypatch.chdir(tmp_path)  # no SQLite file may appear: everything goes to the server
-    run_stage("evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample", "--featnet", tmp_path / "featnet", "--set", "sample.num_images=8")
+    run_stage("evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample", "--featnet", tmp_path / "featnet", "--corpus", runs / "corpus",
+              "--set", "sample.num_images=8")
     client = mlflow.MlflowClient(mlflow_server)
     (run,) = client.search_runs([client.get_experiment_by_name("self-perceptual-smoke").experiment_id])
     assert run.data.tags["row"] == "sp_cfg3_r07_s25" and run.data.tags["pipeline_execution"] == "server-test"

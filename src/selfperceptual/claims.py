@@ -19,6 +19,7 @@ not evaluated. The verdicts are never written by hand: tests/test_claims.py feed
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -120,7 +121,8 @@ class Evidence:
 
     def __init__(self, runs: dict[str, list[RowRun]], reference: dict[str, torch.Tensor], resamples: int, margin: float):
         self.runs, self.resamples, self.margin = runs, resamples, margin
-        self.fid = FrechetToReference(reference["mu"], reference["sigma"])
+        self.fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"))
+        self._fid_of: dict[int, Callable[[np.ndarray], float]] = {}  # id(run) -> its resampler
 
     def _value(self, statistic: str, rows: tuple[str, ...], seed: int, images: np.ndarray | None) -> float | None:
         """The statistic of ``rows`` for training seed ``seed``, on ``images`` (indices) or all of them."""
@@ -132,7 +134,9 @@ class Evidence:
         if images is None:
             return run.metrics.get(statistic)
         if statistic == "fid":
-            return self.fid(run.features[images])
+            if id(run) not in self._fid_of:
+                self._fid_of[id(run)] = self.fid.resampler(run.features)
+            return self._fid_of[id(run)](images)
         if statistic == "alignment" and run.recognised is not None:
             return float(run.recognised[images].mean())
         return None  # precision and recall: no bootstrap (see intervals.py)

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from .data.shards import to_tensor
 from .device import Runtime, runtime
+from .intervals import sigma_root
 
 INCEPTION_FILE = "inception-v3.pth"  # the featnet folder's copy of featnet.inception_weights
 
@@ -168,10 +169,12 @@ def extract(extractor, images, batch: int, device: Runtime) -> tuple[torch.Tenso
 
 
 def save_reference(features: torch.Tensor, path: Path) -> None:
-    """The real images' features (for precision/recall) and their Gaussian statistics (for FID)."""
+    """The real images' features (for precision/recall), their Gaussian statistics (for FID) and
+    the covariance's square root (for the bootstrap's FID, taken here once for every evaluation)."""
     stats = fid_features_to_statistics(features)
+    sigma = torch.from_numpy(stats["sigma"])
     save_file(
-        {"features": features.float().contiguous(), "mu": torch.from_numpy(stats["mu"]), "sigma": torch.from_numpy(stats["sigma"])},
+        {"features": features.float().contiguous(), "mu": torch.from_numpy(stats["mu"]), "sigma": sigma, "sigma_root": sigma_root(sigma)},
         path,
     )
 

@@ -21,30 +21,47 @@ LEVEL = 0.95
 
 class FrechetToReference:
     """FID of generated features against one reference (``mu``, ``sigma``), fast enough to repeat
-    hundreds of times: the reference's matrix square root R is taken once, and then
+    hundreds of times: with R the reference's matrix square root (taken once, or passed in as
+    featnet saves it),
 
         FID = |mu_g - mu|^2 + tr(S_g) + tr(sigma) - 2 tr sqrt(R S_g R),
 
-    one symmetric eigendecomposition of size min(n, d) per call (R S_g R shares its non-zero
-    eigenvalues with the n x n Gram matrix of R times the centred features). torch-fidelity's
-    ``fid_statistics_to_metric`` takes ``scipy.linalg.sqrtm`` of a d x d product each call; the two
-    agree (tests/test_intervals.py), and the point estimates in the report stay torch-fidelity's."""
+    and R S_g R shares its non-zero eigenvalues with the Gram matrix of R times the centred
+    features, of size min(n, d). ``resampler`` projects the features by R once, so that a
+    resample costs one small eigendecomposition. torch-fidelity's ``fid_statistics_to_metric``
+    takes ``scipy.linalg.sqrtm`` of a d x d product each call; the two agree
+    (tests/test_claims.py), and the point estimates in the report stay torch-fidelity's."""
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor):
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, root: torch.Tensor | None = None):
         self.mu = mu.double()
-        values, vectors = torch.linalg.eigh(sigma.double())
-        self.root = vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+        self.root = sigma_root(sigma) if root is None else root.double()
         self.trace = float(torch.trace(sigma.double()))
 
-    def __call__(self, features: torch.Tensor) -> float:
+    def resampler(self, features: torch.Tensor) -> Callable[[np.ndarray], float]:
+        """``indices -> FID of features[indices]``."""
         features = features.double()
-        n, d = features.shape
-        mean = features.mean(0)
-        centred = (features - mean).T / (n - 1) ** 0.5  # d x n: S_g = centred @ centred.T
-        scaled = self.root @ centred
-        gram = scaled.T @ scaled if n < d else scaled @ scaled.T
-        cross = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
-        return float(((mean - self.mu) ** 2).sum() + (centred**2).sum() + self.trace - 2 * cross)
+        projected = features @ self.root  # row i: R x_i (R is symmetric)
+        d = features.shape[1]
+
+        def fid(indices) -> float:
+            chosen, scaled = features[indices], projected[indices]
+            n, mean = len(chosen), chosen.mean(0)
+            centred = (scaled - scaled.mean(0)) / (n - 1) ** 0.5  # rows: R (x_i - mean), scaled
+            gram = centred @ centred.T if n < d else centred.T @ centred
+            cross = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
+            spread = ((chosen - mean) ** 2).sum() / (n - 1)  # tr(S_g)
+            return float(((mean - self.mu) ** 2).sum() + spread + self.trace - 2 * cross)
+
+        return fid
+
+    def __call__(self, features: torch.Tensor) -> float:
+        return self.resampler(features)(np.arange(len(features)))
+
+
+def sigma_root(sigma: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance matrix (its negative rounding-error eigenvalues as 0)."""
+    values, vectors = torch.linalg.eigh(sigma.double())
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
 
 
 def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, seed: int = 0) -> tuple[float, float]:
