@@ -6,6 +6,7 @@
 import json
 import os
 import uuid
+from pathlib import Path
 
 import yaml
 from snakemake.exceptions import WorkflowError
@@ -36,7 +37,7 @@ STAGES = build_stages(CONFIG)
 # the DAG its settings give now (train.seeds and the num_jobs settings change the stages).
 with open(PARAMS_FILE) as handle:
     DVC_SCALE = yaml.safe_load(handle)["scale"]
-DVC_CURRENT = os.path.isfile("dvc.yaml") and open("dvc.yaml").read() == render_dvc_yaml(PARAMS_FILE)
+DVC_CURRENT = os.path.isfile("dvc.yaml") and Path("dvc.yaml").read_text() == render_dvc_yaml(PARAMS_FILE)
 if DVC_SCALE == SCALE and not DVC_CURRENT:
     print("Warning: dvc.yaml does not match params.yaml (a changed train.seeds or num_jobs?); this run will not be "
           "recorded with DVC. Run `make generate` to update dvc.yaml.")

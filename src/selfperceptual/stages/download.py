@@ -67,16 +67,18 @@ def _die_with_the_stage() -> None:
         os._exit(1)
 
 
-class _Worker(multiprocessing.context.SpawnProcess):
+class _DiesWithTheStage:
     def run(self):
         _die_with_the_stage()
         super().run()
 
 
-class _Logger(LoggerProcess):
-    def run(self):
-        _die_with_the_stage()
-        super().run()
+class _Worker(_DiesWithTheStage, multiprocessing.context.SpawnProcess):
+    pass
+
+
+class _Logger(_DiesWithTheStage, LoggerProcess):
+    pass
 
 
 class _SpawnContext(multiprocessing.context.SpawnContext):

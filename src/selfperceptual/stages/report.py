@@ -146,7 +146,7 @@ def figures(folder: Path) -> list[tuple[str, str, str]]:
         ("fig3_4.png", f"Figures 3 and 4: MSE | SP | MSE+CFG, 50 NFEs ({cfg}), same seed per row", grid_legend(made["fig3_4_prompts"])),
         ("fig5_uncond.png", f"Figure 5: unconditional MSE | SP, DDIM {made['fig5_steps']} steps, same seeds", grid_legend([""])),
         ("fig6_x0.png", "Figure 6: the x0 prediction at each step of a 10-step DDIM, then the final image; MSE, MSE+CFG and SP, same seed",
-         grid_legend([p for p in made["fig6_prompts"] for _ in range(3)])),
+         "Blocks of three rows (MSE, MSE+CFG, SP), top to bottom: " + "; ".join(f"{i}. {p}" for i, p in enumerate(made["fig6_prompts"], 1)) + "."),
         ("loss_curves.png", "Training loss of the four main runs", ""),
     ]
 
@@ -177,7 +177,7 @@ def run(args, config, scale, out) -> None:
         f"`{config.featnet.kind}` feature network.{seeds}{caveat}"
     )
     md = [f"# Diffusion Model with Perceptual Loss: reproduction report\n\n{intro}\n"]
-    page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}</style></head><body>",
+    page = [f"<html><head><meta charset='utf-8'><title>Report ({scale})</title><style>td,th{{padding:2px 8px;border:1px solid #ccc}}table{{border-collapse:collapse}}img{{max-width:100%}}</style></head><body>",
             "<h1>Diffusion Model with Perceptual Loss: reproduction report</h1>", f"<p>{html.escape(intro)}</p>"]
     verdicts_note = (
         "Each verdict is computed: a difference is supported when its 95% interval lies wholly on the claimed side, contradicted "
