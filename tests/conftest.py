@@ -19,10 +19,10 @@ REPO = Path(__file__).resolve().parents[1]
 # (-n 2 --dist loadgroup --no-loadscope-reorder), which take two tests each to start with, in
 # this order: the two longest start at once and the short tests fill in around them.
 FIRST = (
-    "test_snakemake_runs_the_rehearsal_scale",  # worker 1
-    "test_dvc_exp_run_runs_the_smoke_scale",  # worker 2, the longer: nothing else long is queued behind it
-    "test_smoke_scale_runs_through_the_slurm_profile",  # worker 1, after the rehearsal
-    "test_sigterm_then_sigkill_then_resume",
+    "test_snakemake_runs_the_rehearsal_scale",  # worker 1, the longest: nothing else long is queued behind it
+    "test_dvc_exp_run_runs_each_kind_of_smoke_stage",  # worker 2
+    "test_sigterm_then_sigkill_then_resume",  # worker 1, after the rehearsal
+    "test_smoke_scale_runs_through_the_slurm_profile",  # worker 2, after the DVC run
 )
 
 

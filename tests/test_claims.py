@@ -48,7 +48,7 @@ def _evidence(shift: dict[str, float], seeds: int, metric: dict[str, dict[str, f
             recognised = (draws < values["alignment"]).float()
             values["alignment"] = float(recognised.mean())  # as evaluate computes it
             runs.setdefault(row, []).append(RowRun({"fid": fid(features), **values}, features, recognised))
-    return Evidence(runs, reference, resamples=200, margin=0.05)
+    return Evidence(runs, reference, resamples=200, margins={"recall": 0.05, "alignment": 0.05})
 
 
 PAPER_RIGHT = {  # FID order of the paper: MSE+CFG < SP+CFG < SP < MSE; the ablations worse than SP
@@ -92,7 +92,7 @@ def test_rows_that_do_not_differ_are_rarely_resolved_the_intervals_cover(statist
     resolved = 0
     for replicate in range(40):
         evidence = _evidence({}, 1, {}, rows=["mse_s25", "sp_s25", "mse_cfg75_r07_s25"], offset=replicate)
-        evidence.margin = 0.0  # "=": resolved only when the interval excludes 0, as for the others
+        evidence.margins = {"recall": 0.0, "alignment": 0.0}  # "=": resolved only when the interval excludes 0, as for the others
         resolved += evidence.find(difference).verdict != UNRESOLVED
     assert resolved <= 6, f"{resolved} of 40 resolved"
 

@@ -40,7 +40,7 @@ REHEARSAL_MAY_DIFFER = (
     "train.checkpoint_every_steps", "figures.uncond_steps",  # step counts
     "download.num_jobs", "encode.num_jobs", "sample.num_jobs",  # job splits
     "corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained",
-    "featnet.inception_weights", "authors.mse", "authors.sp",  # input paths
+    "featnet.inception_weights", "authors.mse", "authors.sp", "evaluate.clip",  # input paths
     *(f"resources.{command}.{size}" for command in ("default", "corpus", "filter", "download", "base", "featnet", "encode",
       "train", "freeze", "sample", "evaluate", "figures", "report") for size in ("cpus", "mem_mb", "runtime_min")),  # job sizes
 )

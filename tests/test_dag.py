@@ -5,6 +5,7 @@ import re
 import shutil
 import subprocess
 import sys
+from operator import attrgetter
 from pathlib import Path
 
 import pytest
@@ -110,7 +111,7 @@ def test_paper_scale_names_each_missing_external_input_and_where_to_get_it(repo)
     )
     assert result.returncode != 0
     output = result.stdout + result.stderr
-    for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained", "authors.mse", "authors.sp"):
+    for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained", "authors.mse", "authors.sp", "evaluate.clip"):
         assert f"{key}: " in output
     assert re.search(r"featnet.inception_weights: \S+ is not there\. Get it from https://github.com/toshas/torch-fidelity/releases/\S+\.pth", output)
     assert "http://images.cocodataset.org/zips/val2014.zip" in output
@@ -136,7 +137,8 @@ def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
     (copy / paper.featnet.inception_weights).parent.mkdir(parents=True)
     (copy / paper.featnet.inception_weights).symlink_to((copy / rehearsal.featnet.inception_weights).resolve())
     cache = tmp_path / "hub"
-    for repo_id, folder in ((paper.base.pretrained, rehearsal.base.pretrained), (paper.authors.mse, rehearsal.authors.mse), (paper.authors.sp, rehearsal.authors.sp)):
+    models = ("base.pretrained", "authors.mse", "authors.sp", "evaluate.clip")
+    for repo_id, folder in (tuple(attrgetter(key)(config) for config in (paper, rehearsal)) for key in models):
         _hub_cache(cache, repo_id, copy / folder)
     result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     stages = build_stages(paper)

@@ -138,3 +138,31 @@ def test_alignment_counts_samples_the_classifier_labels_as_their_caption(tmp_pat
         recognised(logits, ["a red circle", "a green star", "a red circle"], labels)
     pd.DataFrame({"caption": ["a photo"], "label": [-1], "image": ["a"]}).to_parquet(tmp_path / "eval.parquet")
     assert caption_labels(tmp_path) == {}  # COCO captions: no labels, no alignment
+
+
+def test_clip_score_is_the_cosine_of_each_image_with_its_own_caption(tmp_path):
+    """At the paper scale text alignment is CLIP score, from a CLIP model in a local folder (here
+    openai/clip-vit-large-patch14's layout with a tiny random model, as the rehearsal writes it)."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    from selfperceptual.evaluation import clip_scores
+    from selfperceptual.rehearsal import write_clip
+
+    captions = ["a red circle on grass", "two blue squares", "a photo of a cat on a sofa", "a green star", "blue"]
+    write_clip(tmp_path / "clip", captions, seed=0)
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(5)]
+    scores = clip_scores(str(tmp_path / "clip"), images, captions, batch=2, device=runtime("fp32"))
+
+    # The whole batch at once through transformers' own image-text logits: the diagonal pairs each
+    # image with its caption; the logits are the cosines times exp(logit_scale).
+    model, processor = CLIPModel.from_pretrained(tmp_path / "clip").eval(), CLIPProcessor.from_pretrained(tmp_path / "clip")
+    with torch.no_grad():
+        out = model(**processor(text=captions, images=images, return_tensors="pt", padding=True))
+    expected = 100 * out.logits_per_image.diag().double() / model.logit_scale.exp().double()
+    torch.testing.assert_close(scores, expected, rtol=1e-4, atol=1e-4)
+    swapped = clip_scores(str(tmp_path / "clip"), images, [captions[1], captions[0], *captions[2:]], batch=5, device=runtime("fp32"))
+    torch.testing.assert_close(swapped[2:], scores[2:], rtol=1e-4, atol=1e-4)  # batching changes nothing
+    assert not torch.allclose(swapped[:2], scores[:2])  # each image is scored with its own caption
+    with pytest.raises(SystemExit, match="evaluate.clip .* is not a CLIP model folder"):
+        clip_scores(str(tmp_path / "nothing"), images, captions, batch=2, device=runtime("fp32"))

@@ -109,3 +109,23 @@ def test_a_row_trained_with_several_seeds_is_reported_as_mean_and_interval(repo,
     cells = {(row[0], row[3], row[1]): dict(zip(header, row, strict=True)) for row in rows}
     assert cells[("mse", "25", "—")]["FID (ours)"] == "12.00 ± 4.97" and cells[("mse", "25", "—")]["Training seeds"] == "3"
     assert cells[("sp", "25", "—")]["FID (ours)"] == "9.00" and cells[("sp", "25", "—")]["Training seeds"] == "1"
+
+
+def test_layout_distances_put_sp_near_mse_cfg_further_and_unrelated_samples_furthest(tmp_path):
+    """Made-up features: SP's samples are MSE's moved a little, CFG's moved more; the figure's
+    numbers must rank them so, with intervals that hold their means, and need every row."""
+    from selfperceptual.claims import RowRun
+    from selfperceptual.stages.report import layout_distances, layout_figure
+
+    generator = torch.Generator().manual_seed(0)
+    mse = torch.randn(64, 16, generator=generator) * 3
+    moved = {"mse_s25": mse, "sp_s25": mse + 0.2 * torch.randn(64, 16, generator=generator), "mse_cfg75_r07_s25": mse + torch.randn(64, 16, generator=generator)}
+    runs = {row: [RowRun({}, features)] for row, features in moved.items()}
+    found = layout_distances(runs, resamples=100)
+    sp, cfg, unrelated = (found[label] for label in ("MSE vs SP", "MSE vs MSE+CFG", "MSE vs MSE, other seed and caption"))
+    assert sp["mean"] < cfg["mean"] < unrelated["mean"]
+    assert all(f["low"] <= f["mean"] <= f["high"] and len(f["per_image"]) == 64 for f in found.values())
+    assert sp["high"] < cfg["low"]
+    name, title, legend = layout_figure(found, tmp_path / "layout.png")
+    assert Image.open(tmp_path / name).size[0] > 400 and "Layout" in title and "same seed and caption" in legend
+    assert layout_distances({row: runs[row] for row in ("mse_s25", "sp_s25")}, resamples=100) is None

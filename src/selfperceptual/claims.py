@@ -1,7 +1,7 @@
 """The paper's claims as data, and a verdict for each, computed from this run's numbers.
 
 A claim is one or more differences between sampling rows, each claimed to be below zero (``<``),
-above it (``>``), within ``report.equivalence_margin`` of it (``=``: "leaves unchanged"), or not
+above it (``>``), within ``report.equivalence_margins`` (per statistic) of it (``=``: "leaves unchanged"), or not
 below it by more than the margin (``>=``: "keeps", "does not lower"). Each difference gets a 95% interval (``intervals.py``): over training seeds when every
 row it needs has two or more, else a paired bootstrap over the images of one run where the
 statistic allows one. A difference is
@@ -102,7 +102,7 @@ class RowRun:
 
     metrics: dict
     features: torch.Tensor
-    recognised: torch.Tensor | None = None
+    alignment: torch.Tensor | None = None  # per image: recognised (0/1), or its CLIP score
 
 
 @dataclass(frozen=True)
@@ -119,8 +119,8 @@ class Evidence:
     """Every row's runs (one per training seed) and the reference statistics, with the intervals
     of the differences the claims name."""
 
-    def __init__(self, runs: dict[str, list[RowRun]], reference: dict[str, torch.Tensor], resamples: int, margin: float):
-        self.runs, self.resamples, self.margin = runs, resamples, margin
+    def __init__(self, runs: dict[str, list[RowRun]], reference: dict[str, torch.Tensor], resamples: int, margins: dict[str, float]):
+        self.runs, self.resamples, self.margins = runs, resamples, margins  # statistic -> margin of its "=" and ">="
         self.fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"))
         self._fid_of: dict[int, Callable[[np.ndarray], float]] = {}  # id(run) -> its resampler
 
@@ -131,14 +131,14 @@ class Evidence:
             first, second = (run.features if images is None else run.features[images] for run in runs)
             return float((first - second).norm(dim=1).mean())
         (run,) = runs
+        if statistic == "alignment" and run.alignment is not None:  # per image: a CLIP score's row value is floored at 0
+            return float(run.alignment.mean() if images is None else run.alignment[images].mean())
         if images is None:
             return run.metrics.get(statistic)
         if statistic == "fid":
             if id(run) not in self._fid_of:
                 self._fid_of[id(run)] = self.fid.resampler(run.features)
             return self._fid_of[id(run)](images)
-        if statistic == "alignment" and run.recognised is not None:
-            return float(run.recognised[images].mean())
         return None  # precision and recall: no bootstrap (see intervals.py)
 
     def find(self, difference: Difference) -> Finding:
@@ -162,7 +162,7 @@ class Evidence:
                 return Finding(difference, estimate, None, None, "one seed, and no image-level interval for this statistic", UNRESOLVED)
             low, high = bootstrap(lambda images: at(0, images), sizes.pop(), self.resamples)
             source = "images (bootstrap)"
-        return Finding(difference, estimate, low, high, source, verdict(difference.claimed, low, high, self.margin))
+        return Finding(difference, estimate, low, high, source, verdict(difference.claimed, low, high, self.margins.get(difference.statistic, 0.0)))
 
 
 def verdict(claimed: str, low: float, high: float, margin: float) -> str:

@@ -175,6 +175,10 @@ class EvaluateConfig(Section):
     batch: int = Field(gt=0)
     bootstrap: int = Field(ge=0)  # resamples of the generated images for FID's 95% interval (0: none)
     precision: Precision  # of the feature network when it extracts features (featnet and evaluate)
+    # Text alignment as CLIP score (Hessel et al. 2021, as torchmetrics computes it) with this CLIP
+    # model: a local folder or a hub id in the local Hugging Face cache. None: the fraction of samples
+    # whose caption's label the evaluation classifier recognises (the synthetic corpus's labels).
+    clip: str | None = None
 
 
 class AuthorsConfig(Section):
@@ -196,8 +200,16 @@ class FiguresConfig(Section):
     seed: int = 0
 
 
+class Margins(Section):
+    """The "keeps" and "leaves unchanged" claims: a difference this small counts as none, in the
+    statistic's own units."""
+
+    recall: float = Field(ge=0)  # a fraction
+    alignment: float = Field(ge=0)  # a fraction recognised, or CLIP score points (0-100) with evaluate.clip
+
+
 class ReportConfig(Section):
-    equivalence_margin: float = Field(ge=0)  # "keeps" / "unchanged" claims: a recall or alignment difference this small counts as none
+    equivalence_margins: Margins
 
 
 class JobResources(Section):

@@ -198,3 +198,26 @@ def metrics(features: torch.Tensor, logits: torch.Tensor, reference: dict[str, t
 def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
     score = isc_features_to_metric(logits.double(), splits=splits)
     return score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
+
+
+def clip_scores(model: str, images: list[Image.Image], prompts: list[str], batch: int, device: Runtime) -> torch.Tensor:
+    """Per image, 100 times the cosine of its CLIP image embedding and its caption's text embedding
+    (CLIP score, Hessel et al. 2021, w = 100), with the CLIP model at ``model`` (a local folder, or
+    a hub id in the local Hugging Face cache); captions past CLIP's 77 tokens are cut. The row's
+    score is max(mean, 0), as torchmetrics' ``CLIPScore`` reports it; its 1.9.0 cannot be used here,
+    as it reads ``get_image_features`` as a tensor, which transformers 5 no longer returns."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        network, processor = device.place(CLIPModel.from_pretrained(model)), CLIPProcessor.from_pretrained(model)
+    except OSError as error:
+        raise SystemExit(f"evaluate: evaluate.clip {model!r} is not a CLIP model folder or a cached hub id ({error})") from error
+    scores = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), batch), desc="clip score", mininterval=10):
+            inputs = processor(text=prompts[start : start + batch], images=images[start : start + batch], return_tensors="pt",
+                               padding=True, truncation=True)  # fmt: skip
+            out = network(input_ids=inputs["input_ids"].to(device.device), attention_mask=inputs["attention_mask"].to(device.device),
+                          pixel_values=device.tensor(inputs["pixel_values"]))  # fmt: skip
+            scores.append(100 * nn.functional.cosine_similarity(out.image_embeds.double(), out.text_embeds.double()).cpu())
+    return torch.cat(scores)

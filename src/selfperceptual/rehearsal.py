@@ -20,7 +20,9 @@ writes what params.yaml's ``rehearsal`` block names, each where the paper block'
   checkpoints;
 - ``inception/weights-inception-2015-12-05-6726825d.pth``: torch-fidelity's Inception-v3 state
   dict with random Kaiming-initialised weights (PyTorch's default init gives degenerate features),
-  batch norms calibrated on rendered scenes (``write_inception_weights``).
+  batch norms calibrated on rendered scenes (``write_inception_weights``);
+- ``clip/``: openai/clip-vit-large-patch14's folder layout with a tiny random CLIP model, for the
+  CLIP score of text alignment.
 """
 
 from __future__ import annotations
@@ -125,21 +127,28 @@ def bpe_files(captions: list[str], num_merges: int) -> tuple[dict[str, int], lis
     return {token: index for index, token in enumerate(dict.fromkeys(tokens))}, [f"{a} {b}" for a, b in merges]
 
 
+def write_clip_tokenizer(folder: Path, captions: list[str]):
+    """CLIP's tokenizer files (a BPE learnt on ``captions``) in ``folder``; returns the tokenizer."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = bpe_files(captions, num_merges=200)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}
+    (folder / "special_tokens_map.json").write_text(json.dumps(specials))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"tokenizer_class": "CLIPTokenizer", "model_max_length": SD21_TEXT_TOKENS, "do_lower_case": True, "errors": "replace", **specials}
+    ))
+    return CLIPTokenizer.from_pretrained(folder)
+
+
 def write_sd21_layout(folder: Path, captions: list[str], resolution: int, seed: int) -> None:
     """A pipeline folder with SD 2.1-base's components, files and configs, at a tiny size."""
     from diffusers import AutoencoderKL, PNDMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextConfig, CLIPTextModel
 
-    vocab, merges = bpe_files(captions, num_merges=200)
-    (folder / "tokenizer").mkdir(parents=True)
-    (folder / "tokenizer" / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "tokenizer" / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    specials = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>", "pad_token": "!"}
-    (folder / "tokenizer" / "special_tokens_map.json").write_text(json.dumps(specials))
-    (folder / "tokenizer" / "tokenizer_config.json").write_text(json.dumps(
-        {"tokenizer_class": "CLIPTokenizer", "model_max_length": SD21_TEXT_TOKENS, "do_lower_case": True, "errors": "replace", **specials}
-    ))
-    tokenizer = CLIPTokenizer.from_pretrained(folder / "tokenizer")
+    tokenizer = write_clip_tokenizer(folder / "tokenizer", captions)
     torch.manual_seed(seed)
     CLIPTextModel(CLIPTextConfig(
         vocab_size=len(tokenizer), hidden_size=TINY_WIDTH, intermediate_size=4 * TINY_WIDTH, num_hidden_layers=2,
@@ -166,6 +175,23 @@ def write_sd21_layout(folder: Path, captions: list[str], resolution: int, seed: 
         "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
     }, indent=2))
+
+
+def write_clip(folder: Path, captions: list[str], seed: int) -> None:
+    """openai/clip-vit-large-patch14's folder layout (CLIPModel, its tokenizer files, CLIP's image
+    preprocessing at 224 pixels, patches of 14) with a tiny random model: the CLIP score's code path."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = write_clip_tokenizer(folder, captions)
+    torch.manual_seed(seed)
+    layers = {"hidden_size": TINY_WIDTH, "intermediate_size": 4 * TINY_WIDTH, "num_hidden_layers": 2, "num_attention_heads": 2}
+    CLIPModel(CLIPConfig(
+        text_config={**layers, "vocab_size": len(tokenizer), "max_position_embeddings": SD21_TEXT_TOKENS, "pad_token_id": tokenizer.pad_token_id,
+                     "bos_token_id": tokenizer.bos_token_id, "eos_token_id": tokenizer.eos_token_id},
+        vision_config={**layers, "image_size": 224, "patch_size": 14}, projection_dim=TINY_WIDTH,
+    )).save_pretrained(folder, safe_serialization=True)  # fmt: skip
+    image_processor = CLIPImageProcessor(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
 
 
 def write_inception_weights(path: Path, seed: int) -> None:
@@ -209,6 +235,7 @@ def write_inputs(out: Path, url_base: str, num_laion_rows: int = 600, num_coco_i
         for offset, name in enumerate(("sd21-base", "authors/mse", "authors/sp")):
             write_sd21_layout(folder / name, captions, resolution, seed + offset)
         write_inception_weights(folder / "inception" / INCEPTION_FILE, seed)
+        write_clip(folder / "clip", captions, seed)
 
 
 def main(argv=None) -> int:

@@ -15,8 +15,10 @@ import multiprocessing.context
 import os
 import re
 import signal
+import sys
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 
 import pandas as pd
 
@@ -70,6 +72,7 @@ def _die_with_the_stage() -> None:
 class _DiesWithTheStage:
     def run(self):
         _die_with_the_stage()
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole group; the stage answers for them
         super().run()
 
 
@@ -85,19 +88,36 @@ class _SpawnContext(multiprocessing.context.SpawnContext):
     Process = _Worker
 
 
+def _interrupted(signum, frame) -> None:
+    """Ctrl-C: the stage dies of SIGINT at once, and its processes with it (the next run removes
+    its temporary folder). Unwinding img2dataset's pool instead can hang for good when a worker
+    dies while it holds the pool's queue lock."""
+    print("download: interrupted; the next run starts the download again", file=sys.stderr, flush=True)
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGINT)
+
+
+_SIGNALS_STAY_WITH_THE_STAGE = SimpleNamespace(SIGINT=signal.SIGINT, signal=lambda signum, handler: None)
+
+
 @contextmanager
 def _processes_die_with_the_stage():
     """img2dataset's processes outlive a stage killed with SIGKILL (the OOM killer, ``kill -9``):
     orphaned, its pool's workers wait on the dead stage's queue for good, holding their memory, and
     its logger polls for stats files ten times a second, for good. It makes them from
-    ``get_context("spawn")`` and ``LoggerProcess``; these hand it processes that die with the stage."""
-    saved = distributor.get_context, img2dataset_main.LoggerProcess
+    ``get_context("spawn")`` and ``LoggerProcess``; these hand it processes that die with the stage.
+    It also turns Ctrl-C into ``sys.exit(0)``, a stage that "succeeds" with no output; its handler
+    is never installed, and Ctrl-C kills the stage."""
+    saved = distributor.get_context, img2dataset_main.LoggerProcess, img2dataset_main.signal
     distributor.get_context = lambda method: _SpawnContext()  # it asks for "spawn"
     img2dataset_main.LoggerProcess = _Logger
+    img2dataset_main.signal = _SIGNALS_STAY_WITH_THE_STAGE
+    previous = signal.signal(signal.SIGINT, _interrupted)
     try:
         yield
     finally:
-        distributor.get_context, img2dataset_main.LoggerProcess = saved
+        signal.signal(signal.SIGINT, previous)
+        distributor.get_context, img2dataset_main.LoggerProcess, img2dataset_main.signal = saved
 
 
 def run(args, config, scale, out) -> None:

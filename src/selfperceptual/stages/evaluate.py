@@ -1,9 +1,11 @@
 """evaluate: FID (with a bootstrap interval), Inception Score, precision/recall and text alignment of
 one sampling row against the real reference images; keeps each image's features for the report.
 
-Text alignment, at the small scales: the fraction of samples that the evaluation classifier
-labels with their caption's shape and colour (the corpus's ``eval.parquet`` holds each caption's
-label). At the paper scale there are no such labels, and alignment is left out (CLIP score: not yet).
+Text alignment of the text-conditioned rows: with ``evaluate.clip`` (the rehearsal and paper
+scales), CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings, with
+the CLIP model it names; without (the synthetic corpus), the fraction of samples that the
+evaluation classifier labels with their caption's shape and colour (the corpus's ``eval.parquet``
+holds each caption's label).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from safetensors.torch import load_file, save_file
 
 from .. import tracking
 from ..device import runtime
-from ..evaluation import check_featnet, extract, load_extractor, metrics
+from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
 from ..experiments import ABLATION_RUNS, row_named, unseeded
 from ..intervals import FrechetToReference, bootstrap
 from ..io import write_json
@@ -63,10 +65,14 @@ def run(args, config, scale, out) -> None:
         fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root")).resampler(features)
         scores["fid_low"], scores["fid_high"] = bootstrap(fid, len(images), config.evaluate.bootstrap)
     per_image = {"features": features.float().contiguous()}
-    correct = recognised(logits, sampled["prompts"][: len(images)], caption_labels(args.corpus))
-    if correct is not None:
-        scores["alignment"] = float(correct.mean())
-        per_image["recognised"] = correct
+    prompts = sampled["prompts"][: len(images)]
+    if config.evaluate.clip and all(prompts):
+        alignment = clip_scores(config.evaluate.clip, images, prompts, config.evaluate.batch, device)
+    else:
+        alignment = recognised(logits, prompts, caption_labels(args.corpus))
+    if alignment is not None:
+        scores["alignment"] = max(float(alignment.mean()), 0.0)  # CLIP score: as torchmetrics reports it
+        per_image["alignment"] = alignment.float()
     save_file(per_image, out / "features.safetensors")  # the report's paired intervals and layout distances
     write_json(out / "metrics.json", {"row": row.name, **scores})
     grid([images[:GRID_IMAGES]]).save(out / "samples.png")

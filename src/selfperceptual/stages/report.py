@@ -1,4 +1,5 @@
-"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, and Figures 3-6 and the loss curves."""
+"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, Figures 3-6, the
+layout-preservation figure and the loss curves."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from safetensors.torch import load_file
 
 from ..claims import Evidence, Finding, RowRun, judge
 from ..experiments import TABLES, unseeded
-from ..intervals import over_seeds
+from ..intervals import bootstrap, over_seeds
 from ..io import read_json, write_json
 
 log = logging.getLogger("report")
@@ -90,13 +91,19 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
     return tables
 
 
+ALIGNMENT = {  # what the Alignment column measures, with and without evaluate.clip
+    False: "Alignment: the fraction of samples whose caption's shape and colour the evaluation classifier recognises (0-1).",
+    True: "Alignment: CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings (0-100).",
+}
+
+
 def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
     """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed, in seed order."""
     found: dict[str, list[tuple[int, RowRun]]] = {}
     for folder in evaluations:
         metrics, saved = read_json(folder / "metrics.json"), load_file(folder / "features.safetensors")
         row, seed = unseeded(metrics["row"])
-        found.setdefault(row, []).append((seed, RowRun(metrics, saved["features"], saved.get("recognised"))))
+        found.setdefault(row, []).append((seed, RowRun(metrics, saved["features"], saved.get("alignment"))))
     return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
 
 
@@ -151,19 +158,69 @@ def figures(folder: Path) -> list[tuple[str, str, str]]:
     ]
 
 
+LAYOUT_PAIRS = {  # label -> the two rows whose samples of the same seed and caption are compared
+    "MSE vs SP": ("mse_s25", "sp_s25"),
+    "MSE vs MSE+CFG": ("mse_s25", "mse_cfg75_r07_s25"),
+    "MSE vs MSE, other seed and caption": ("mse_s25", "mse_s25"),  # the distance of samples that share nothing
+}
+
+
+def layout_distances(runs: dict[str, list[RowRun]], resamples: int) -> dict[str, dict] | None:
+    """Section 4.1's "SP keeps layout, CFG changes it" in numbers: per pair of rows, the feature
+    distance of each sample to its twin (same seed and caption; training seed 0), their mean and its
+    95% bootstrap interval, beside that of samples that share nothing (each MSE sample against the
+    next one). None when a row is missing (a partial DAG)."""
+    if not all(row in runs for pair in LAYOUT_PAIRS.values() for row in pair):
+        return None
+    found = {}
+    for label, (first, second) in LAYOUT_PAIRS.items():
+        a, b = runs[first][0].features, runs[second][0].features
+        n = min(len(a), len(b))
+        b = b[:n].roll(1, dims=0) if first == second else b[:n]  # one row against itself: another sample
+        values = (a[:n] - b).norm(dim=1).double().numpy()
+        low, high = bootstrap(lambda images, values=values: float(values[images].mean()), n, resamples or 200)
+        found[label] = {"mean": float(values.mean()), "low": low, "high": high, "per_image": values.tolist()}
+    return found
+
+
+def layout_figure(distances: dict[str, dict], path: Path) -> tuple[str, str, str]:
+    """The layout distances as a figure: a dot per sample, the mean with its interval per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 3.2))
+    for y, found in enumerate(distances.values()):
+        axes.scatter(found["per_image"], [y] * len(found["per_image"]), s=8, alpha=0.35, color="grey")
+        axes.errorbar([found["mean"]], [y], xerr=[[found["mean"] - found["low"]], [found["high"] - found["mean"]]], fmt="o", color="black", capsize=4)
+    axes.set_yticks(range(len(distances)), list(distances))
+    axes.invert_yaxis()
+    axes.set_xlabel("feature distance of the two samples (evaluation network)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    legend = ("Each grey dot is one sample's distance to its twin in the other row (same seed and caption, training seed 0); "
+              "black: the mean and its 95% bootstrap interval. SP keeps MSE's layout where its distance lies well below the "
+              "last line, which pairs samples that share neither seed nor caption; CFG changes it where its distance is larger.")  # fmt: skip
+    return path.name, "Layout: how far SP and CFG move MSE's samples (Sec. 4.1)", legend
+
+
 def run(args, config, scale, out) -> None:
     paper = yaml.safe_load(args.paper_results.read_text())
     runs = load_runs(args.evaluation)
     metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
-    evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap,
-                        config.report.equivalence_margin)
+    margins = config.report.equivalence_margins
+    evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap, margins.model_dump())
     judged = judge(evidence)
     claims = claims_table(judged)
     shown = figures(args.figures)
     for file_name, _, _ in shown:
         shutil.copy2(args.figures / file_name, out / file_name)
+    layout = layout_distances(runs, config.evaluate.bootstrap)
+    shown += [layout_figure(layout, out / "layout.png")] if layout else []
     caveat = {
         "paper": "",
         "rehearsal": " The rehearsal's models and Inception weights are random stand-ins: its numbers test the code paths, not the method.",
@@ -185,7 +242,7 @@ def run(args, config, scale, out) -> None:
         "paired bootstrap over the images of one run (same seeds and captions), which leaves out how much training runs differ. "
         "There is no correction for the number of differences: at 95%, about one in twenty resolves by chance. FID: lower is "
         "better; layout: the mean feature distance between samples of the same seed and caption; '≈' and '≳' allow "
-        f"{config.report.equivalence_margin:g}."
+        f"{margins.recall:g} of recall and {margins.alignment:g} of alignment. {ALIGNMENT[bool(config.evaluate.clip)]}"
     )
     md.append(f"## The paper's claims\n\n{markdown_table(claims)}\n\n{verdicts_note}\n")
     page.append(f"<h2>The paper's claims</h2>{html_table(claims)}<p>{html.escape(verdicts_note)}</p>")
@@ -206,5 +263,6 @@ def run(args, config, scale, out) -> None:
         ]}
         for claim, verdict, findings in judged
     ]  # fmt: skip
-    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "claims": verdicts})
+    layout = {label: {key: value for key, value in found.items() if key != "per_image"} for label, found in (layout or {}).items()}
+    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "claims": verdicts, "layout": layout})
     log.info("report: %s", out / "report.md")

@@ -1,4 +1,4 @@
-"""What a finished smoke-scale run must hold, whichever tool ran it (Snakemake, DVC, SLURM)."""
+"""What a finished run of the whole DAG must hold, at whichever scale and whichever tool ran it."""
 
 import json
 
@@ -7,53 +7,55 @@ import mlflow
 from selfperceptual.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED
 from selfperceptual.config import load_params
 from selfperceptual.dag import build_stages
-from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
+from selfperceptual.experiments import RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
 
 VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
 
 
-def _runs(copy):
+def finished_runs(copy, scale):
     mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
-    return mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
+    runs = mlflow.search_runs(experiment_names=[f"self-perceptual-{scale}"])
+    return runs[runs["status"] == "FINISHED"]
 
 
-def check_outputs_and_runs(copy):
+def check_outputs_and_runs(copy, scale):
     """Every stage wrote its folder; the report and the MLflow runs are complete and tagged."""
-    runs_dir = copy / "runs" / "smoke"
-    for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1]):
+    runs_dir = copy / "runs" / scale
+    config = load_params(copy / "params.yaml", scale)[1]
+    for stage in build_stages(config):
         folder = runs_dir / stage.name
         assert folder.is_dir(), f"{stage.name} wrote nothing"
-        assert json.loads((folder / "params.json").read_text())["scale"] == "smoke"
+        assert json.loads((folder / "params.json").read_text())["scale"] == scale, stage.name
     assert not list(runs_dir.glob(".*partial"))
     for run_name in TRAIN_RUNS:
         assert (runs_dir / run_name / "pipeline" / "model_index.json").is_file()
-    assert len(list((runs_dir / "sample_mse_s25" / "images").glob("*.png"))) == 24
+    assert len(list((runs_dir / "sample_mse_s25" / "images").glob("*.png"))) == config.sample.num_images
+    rows = set(SAMPLE_ROWS) | (set(RELEASED_ROWS) if config.authors else set())
 
     report = (runs_dir / "report" / "report.md").read_text()
     assert all(f"Table {number}:" in report for number in range(1, 9))
     assert "32.68" in report and "25.89" in report and "11.18" in report and "42.42" in report  # the paper's numbers beside ours
     results = json.loads((runs_dir / "report" / "results.json").read_text())
-    assert set(results["metrics"]) == set(SAMPLE_ROWS)
+    assert set(results["metrics"]) == rows
     assert all(m["fid"] > 0 and m["is"] >= 1 for m in results["metrics"].values())
     assert all(m["fid_low"] <= m["fid"] <= m["fid_high"] for m in results["metrics"].values())
-    assert {row for row, m in results["metrics"].items() if "alignment" in m} == {r for r in SAMPLE_ROWS if SAMPLE_ROWS[r].conditioning == "text"}
+    assert {row for row in SAMPLE_ROWS if "alignment" in results["metrics"][row]} == {r for r in SAMPLE_ROWS if SAMPLE_ROWS[r].conditioning == "text"}
     verdicts = {claim["claim"]: claim["verdict"] for claim in results["claims"]}
     assert verdicts.keys() == {claim.key for claim in CLAIMS} and set(verdicts.values()) <= set(VERDICTS)
     assert "## The paper's claims" in report and report.index("## The paper's claims") < report.index("## Table 1")
     assert (runs_dir / "report" / "report.html").is_file()
-    for figure in ("fig3_4.png", "fig5_uncond.png", "fig6_x0.png", "loss_curves.png"):
+    for figure in ("fig3_4.png", "fig5_uncond.png", "fig6_x0.png", "loss_curves.png", "layout.png"):
         assert (runs_dir / "report" / figure).is_file() and f"]({figure})" in report
-    first_caption = json.loads((runs_dir / "sample_mse_s25" / "samples.json").read_text())["captions"][0]
-    assert f"1. {first_caption};" in report  # the figure's legend names what each row was asked for
     figures = json.loads((runs_dir / "figures" / "figures.json").read_text())
+    assert f"1. {figures['fig3_4_prompts'][0]};" in report  # the figure's legend names what each row was asked for
     assert figures["fig6_timesteps"] == [f"t={t}" for t in range(1000, 0, -100)] + ["final"]
 
-    runs = _runs(copy)
-    assert len(runs) == len(TRAIN_RUNS) + len(SAMPLE_ROWS) + 1  # and the figures
+    runs = finished_runs(copy, scale)
+    assert len(runs) == len(TRAIN_RUNS) + len(rows) + 1  # and the figures
     assert (runs["tags.kind"] == "figures").sum() == 1
     assert runs["tags.pipeline_execution"].nunique() == 1
     evaluations = runs[runs["tags.kind"] == "evaluate"].set_index("tags.row")
-    assert set(evaluations.index) == set(SAMPLE_ROWS)
+    assert set(evaluations.index) == rows
     row = evaluations.loc["mse_cfg75_r07_s25"]
     assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
