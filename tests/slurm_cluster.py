@@ -1,8 +1,10 @@
 """A real one-node SLURM cluster on localhost for the tests: Debian's slurm-wlm and munge.
 
 ``one_node_cluster(folder)`` installs the packages if they are missing (apt-get, as root), starts
-munged, slurmctld and slurmd with every file of theirs under ``folder`` and private ports, yields
-the environment that points SLURM's commands at it (``SLURM_CONF``), and stops the daemons after.
+munged, slurmctld and slurmd with every file of theirs under ``folder`` and private ports (but the
+sockets, in a short-named folder under /tmp: a Unix socket path has at most 108 bytes, and slurmd's
+job sockets under a pytest folder reach it at job 10), yields the environment that points SLURM's
+commands at it (``SLURM_CONF``), and stops the daemons after.
 
 While the cluster runs, SLURM's default configuration path links to its slurm.conf: the SLURM
 executor runs each job's srun with every SLURM_* variable removed, SLURM_CONF included, so srun
@@ -16,6 +18,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 from pathlib import Path
 
@@ -54,11 +57,12 @@ def _daemon(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-def slurm_conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int) -> str:
-    """The verified recipe of shared/DESIGN.md, with every path and port private to ``folder``."""
+def slurm_conf(folder: Path, sockets: Path, cpus: int, memory_mb: int) -> str:
+    """The verified recipe of shared/DESIGN.md, with every path and port private to ``folder``, and
+    munged's and slurmd's sockets under ``sockets``."""
     ctld_port, node_port = _free_ports(2)
     (folder / "state").mkdir(exist_ok=True)
-    (folder / "spool").mkdir(exist_ok=True)
+    (sockets / "spool").mkdir(exist_ok=True)
     return "\n".join(
         [
             "ClusterName=sptest",
@@ -66,7 +70,7 @@ def slurm_conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int) -> s
             "SlurmUser=root",
             f"SlurmctldPort={ctld_port}",
             f"SlurmdPort={node_port}",
-            f"AuthInfo=socket={munge_socket}",
+            f"AuthInfo=socket={sockets / 'munge.socket'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
             "SelectType=select/cons_tres",
@@ -81,7 +85,7 @@ def slurm_conf(folder: Path, munge_socket: Path, cpus: int, memory_mb: int) -> s
             "MinJobAge=86400",
             "SchedulerParameters=sched_interval=1",
             f"StateSaveLocation={folder / 'state'}",
-            f"SlurmdSpoolDir={folder / 'spool'}",
+            f"SlurmdSpoolDir={sockets / 'spool'}",
             f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
             f"SlurmdPidFile={folder / 'slurmd.pid'}",
             f"SlurmctldLogFile={folder / 'slurmctld.log'}",
@@ -105,9 +109,10 @@ def one_node_cluster(folder: Path):
     """Yields the environment (SLURM_CONF and the rest of os.environ) of a running cluster."""
     ensure_installed()
     folder.mkdir(parents=True, exist_ok=True)
-    munge_socket = folder / "munge.socket"
+    sockets = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
+    munge_socket = sockets / "munge.socket"
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf(folder, munge_socket, os.cpu_count() or 1, _memory_mb()))
+    conf.write_text(slurm_conf(folder, sockets, os.cpu_count() or 1, _memory_mb()))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     processes = []
     munged = [
@@ -117,6 +122,7 @@ def one_node_cluster(folder: Path):
     if not Path("/etc/munge/munge.key").exists():
         subprocess.run([_daemon("mungekey"), "--create"], check=True)
     with contextlib.ExitStack() as stack:
+        stack.callback(shutil.rmtree, sockets, ignore_errors=True)
         stack.enter_context(_default_conf_linked_to(conf))
         subprocess.run(munged, check=True, capture_output=True, text=True)
         stack.callback(subprocess.run, [_daemon("munged"), "--stop", f"--socket={munge_socket}"], capture_output=True, check=False)

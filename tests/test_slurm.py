@@ -53,6 +53,20 @@ def _job_records(env, rule: str) -> list[dict[str, str]]:
     return sorted((r for r in records if r.get("Comment", "") == f"rule_{rule}"), key=lambda r: int(r["JobId"]))
 
 
+def _finish(snakemake, env, timeout: float) -> str:
+    """Snakemake's output once it ends. A job SLURM could not launch is held for good, and Snakemake
+    would wait on it until the timeout: that fails at once, with slurmd's reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            return snakemake.communicate(timeout=5)[0]  # a retry after the timeout loses no output
+        except subprocess.TimeoutExpired:
+            held = subprocess.run(["squeue", "-h", "-t", "PD", "-o", "%i %r"], env=env, capture_output=True, text=True, check=False).stdout
+            if "launch failed" in held or time.monotonic() > deadline:
+                snakemake.kill()
+                raise AssertionError(f"SLURM could not launch a job ({held.strip()}) or Snakemake ran past {timeout} s") from None
+
+
 def _stop_training_with_sigterm(snakemake, copy, env) -> str:
     """Once train_mse has its first checkpoint, does to its job what SLURM does ahead of a time
     limit (``--signal=TERM@600``: SIGTERM to the job's steps); returns the job's id."""
@@ -66,9 +80,9 @@ def _stop_training_with_sigterm(snakemake, copy, env) -> str:
     return job["JobId"]
 
 
-# Every stage command but the report, SP training included: the whole DAG at the smoke scale runs
-# through DVC and the rehearsal scale through Snakemake (test_pipeline.py); here each kind of job
-# goes through sbatch once.
+# Every stage command but the report, SP training included: the whole DAG runs through Snakemake
+# at the rehearsal scale, and each kind of stage through DVC at the smoke scale (test_pipeline.py);
+# here each kind of job goes through sbatch once.
 TARGET = "evaluate_sp_s25"
 TARGET_STAGES = {"corpus", "filter", "download", "base", "featnet", "encode", "train_mse", "freeze", "train_sp", "sample_sp_s25", TARGET}
 
@@ -84,7 +98,7 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     command = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", *LOCAL_SETTINGS, TARGET]
     snakemake = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     stopped = _stop_training_with_sigterm(snakemake, copy, env)
-    output, _ = snakemake.communicate(timeout=1800)
+    output = _finish(snakemake, env, timeout=1800)
     assert snakemake.returncode == 0, output[-6000:]
 
     assert TARGET_STAGES <= {stage.name for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1])}
