@@ -115,6 +115,13 @@ class Finding:
     verdict: str
 
 
+def twin_distances(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+    """The feature distance of each sample of one row to its twin in another: the sample of the
+    same index, drawn from the same seed and caption (``sample`` seeds image i with seed + i)."""
+    n = min(len(first), len(second))
+    return (first[:n] - second[:n]).norm(dim=1)
+
+
 class Evidence:
     """Every row's runs (one per training seed) and the reference statistics, with the intervals
     of the differences the claims name."""
@@ -129,7 +136,7 @@ class Evidence:
         runs = [self.runs[row][seed] for row in rows]
         if statistic == "layout":
             first, second = (run.features if images is None else run.features[images] for run in runs)
-            return float((first - second).norm(dim=1).mean())
+            return float(twin_distances(first, second).mean())
         (run,) = runs
         if statistic == "alignment" and run.alignment is not None:  # per image: a CLIP score's row value is floored at 0
             return float(run.alignment.mean() if images is None else run.alignment[images].mean())

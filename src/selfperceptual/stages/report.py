@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from safetensors.torch import load_file
 
-from ..claims import Evidence, Finding, RowRun, judge
+from ..claims import Evidence, Finding, RowRun, judge, twin_distances
 from ..experiments import TABLES, unseeded
 from ..intervals import bootstrap, over_seeds
 from ..io import read_json, write_json
@@ -175,10 +175,9 @@ def layout_distances(runs: dict[str, list[RowRun]], resamples: int) -> dict[str,
     found = {}
     for label, (first, second) in LAYOUT_PAIRS.items():
         a, b = runs[first][0].features, runs[second][0].features
-        n = min(len(a), len(b))
-        b = b[:n].roll(1, dims=0) if first == second else b[:n]  # one row against itself: another sample
-        values = (a[:n] - b).norm(dim=1).double().numpy()
-        low, high = bootstrap(lambda images, values=values: float(values[images].mean()), n, resamples or 200)
+        b = b.roll(1, dims=0) if first == second else b  # one row against itself: another sample
+        values = twin_distances(a, b).double().numpy()
+        low, high = bootstrap(lambda images, values=values: float(values[images].mean()), len(values), resamples or 200)
         found[label] = {"mean": float(values.mean()), "low": low, "high": high, "per_image": values.tolist()}
     return found
 
