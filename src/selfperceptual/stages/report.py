@@ -110,7 +110,7 @@ def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
 def _signed(value) -> str:
     if value is None:
         return "—"
-    return f"{0.0 if abs(value) < 1e-9 else value:+.3g}"  # float noise of equal numbers shows as +0
+    return f"{0.0 if abs(value) < 1e-6 else value:+.3g}"  # float noise of equal numbers shows as +0
 
 
 def describe_finding(finding: Finding) -> str:
