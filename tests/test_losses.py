@@ -144,3 +144,63 @@ def test_t_prime_rules_stay_in_range(rule):
         assert torch.equal(t_prime, other_t)
     else:
         assert not torch.equal(t_prime, other_t)
+
+
+@pytest.fixture
+def tiny_vae():
+    from types import SimpleNamespace
+
+    from selfperceptual.models import build_vae
+
+    return build_vae(SimpleNamespace(block_out_channels=[16, 32, 32], latent_channels=4, norm_num_groups=8), resolution=32, seed=0)
+
+
+def test_lpl_is_the_mse_loss_at_high_noise_and_adds_a_term_below_its_threshold(tiny_unet, tiny_vae, latents, context):
+    from selfperceptual.losses import LatentPerceptualLoss
+
+    schedule, eps = Schedule.zero_snr(), torch.randn_like(latents)
+    lpl, mse = LatentPerceptualLoss(schedule, tiny_vae, t_threshold=200), MSELoss(schedule)
+    t = torch.tensor([999, 600, 150, 20])
+    ours, _ = lpl(Denoiser(tiny_unet), latents, context, eps=eps, t=t)
+    plain, _ = mse(Denoiser(tiny_unet), latents, context, eps=eps, t=t)
+    assert torch.equal(ours[:2], plain[:2])
+    assert (ours[2:] > plain[2:] + 1e-6).all()
+    assert lpl.perceptual(latents, latents).abs().max().item() == 0.0  # x0_hat = x0: no perceptual term
+
+
+def test_lpl_features_lie_on_the_decoders_own_path(tiny_vae, latents):
+    from selfperceptual.losses import LatentPerceptualLoss
+
+    lpl = LatentPerceptualLoss(Schedule.zero_snr(), tiny_vae)
+    decoder = tiny_vae.decoder
+    with torch.no_grad():
+        last = lpl.features(latents)[-1]
+        image = decoder.conv_out(decoder.conv_act(decoder.conv_norm_out(last)))
+        assert torch.allclose(image, tiny_vae.decode(latents / tiny_vae.config.scaling_factor).sample, atol=1e-6)
+    assert [f.shape[-1] for f in lpl.features(latents)] == [8, 16, 32, 32]
+
+
+def test_lpl_gradients_reach_the_unet_and_never_the_vae(tiny_unet, tiny_vae, latents, context):
+    from selfperceptual.losses import LatentPerceptualLoss
+
+    lpl = LatentPerceptualLoss(Schedule.zero_snr(), tiny_vae, weight=1.0, t_threshold=1000)
+    per_sample, _ = lpl(Denoiser(tiny_unet), latents, context, generator=torch.Generator().manual_seed(0))
+    per_sample.mean().backward()
+    assert all(p.grad is not None for p in tiny_unet.parameters() if p.requires_grad)
+    assert all(p.grad is None and not p.requires_grad for p in tiny_vae.parameters())
+
+
+def test_lpl_outlier_mask_masks_a_cluster_with_a_margin_and_keeps_an_isolated_value():
+    """Berrada et al.'s rule: dilating the kept mask by 3 refills a lone outlier; eroding it by 5
+    widens a masked cluster by 2 on every side."""
+    from selfperceptual.losses import _outlier_mask
+
+    smooth = torch.linspace(0, 1, 32 * 32).reshape(1, 1, 32, 32)
+    assert _outlier_mask(smooth, down=1).min().item() == 1.0
+    lone = smooth.clone()
+    lone[0, 0, 16, 16] = 1000.0
+    assert _outlier_mask(lone, down=1).min().item() == 1.0
+    cluster = smooth.clone()
+    cluster[0, 0, 14:18, 14:18] = 1000.0  # 4x4: its inner 2x2 survives the dilation
+    mask = _outlier_mask(cluster, down=1)[0, 0]
+    assert (mask[13:19, 13:19] == 0).all() and (mask == 0).sum().item() == 36

@@ -2,7 +2,8 @@
 
 The caller may pass the randomness (eps, t, t') so tests can pin it and the training loop can draw
 it per sample (``draw``); otherwise it is drawn here.
-``MSELoss`` is Eq. 4; ``SelfPerceptualLoss`` is Eq. 5-11 and Algorithm 1 (and Eq. 13-16 for sp2).
+``MSELoss`` is Eq. 4; ``SelfPerceptualLoss`` is Eq. 5-11 and Algorithm 1 (and Eq. 13-16 for sp2);
+``LatentPerceptualLoss`` is a peer objective (LPL, Berrada et al. 2025) for comparison.
 """
 
 from __future__ import annotations
@@ -135,3 +136,95 @@ class SelfPerceptualLoss:
                 schedule.add_noise(x0, eps_hat, t_prime), real_features, t_prime, context
             )
         return per_sample, {"t": t, "t_prime": t_prime}
+
+
+def _outlier_mask(features: torch.Tensor, down: int, quantile: float = 0.02) -> torch.Tensor:
+    """Berrada et al.'s outlier masking of a target feature map (B, C, H, W): per channel, keep the
+    values within two standard deviations beyond the 2% and 98% quantiles; then dilate the mask of
+    kept values by ceil(3 / down), which keeps an isolated outlier, and erode it by ceil(5 / down),
+    which masks a cluster of outliers with a margin. ``down`` is the image's size over the map's;
+    an even kernel is made odd as theirs is (3 for opening, 1 for closing)."""
+    closing, opening = -(-3 // down), -(-5 // down)
+    closing, opening = 1 if closing == 2 else closing, 3 if opening == 2 else opening
+    flat = features.flatten(2)
+    n = flat.shape[-1]
+    low = flat.kthvalue(max(int(n * quantile), 1), dim=-1).values[..., None, None]
+    high = flat.kthvalue(max(int(n * (1 - quantile)), 1), dim=-1).values[..., None, None]
+    spread = 2 * flat.std(-1)[..., None, None]
+    mask = ((low - spread < features) & (features < high + spread)).float()
+    mask = torch.nn.functional.max_pool2d(mask, closing, stride=1, padding=(closing - 1) // 2)
+    return -torch.nn.functional.max_pool2d(-mask, opening, stride=1, padding=(opening - 1) // 2)
+
+
+class LatentPerceptualLoss:
+    """LPL (Berrada et al. 2025, "Boosting Latent Diffusion with Perceptual Objectives"): Eq. 4's
+    v error plus ``weight`` times a distance between the frozen VAE decoder's features of x0_hat and
+    of x0, for the samples with t < ``t_threshold`` (high SNR, where x0_hat is sharp enough).
+
+    Features: the decoder's mid block and its first ``num_blocks`` up blocks, on the path
+    ``vae.decode`` takes (post_quant_conv, then the decoder). Per feature map: outliers of the target
+    masked where the map is at least half the image's size (``_outlier_mask``), both maps divided by
+    the target's norm over channels at each position ("shared" normalisation), the squared
+    difference averaged over the kept positions and the channels, weighted 2^-min(i, 3) for the
+    i-th map (``power_law``), and the maps averaged. Gradients reach the UNet through x0_hat only.
+    """
+
+    def __init__(self, schedule: Schedule, vae, weight: float = 1.0, t_threshold: int = 200, num_blocks: int | None = None,
+                 power_law: bool = True, remove_outliers: bool = True):  # fmt: skip
+        self.schedule, self.weight, self.t_threshold = schedule, weight, t_threshold
+        self.vae = vae.requires_grad_(False).eval()
+        blocks = len(vae.decoder.up_blocks)
+        self.num_blocks = blocks if num_blocks is None else num_blocks
+        if not 0 <= self.num_blocks <= blocks:
+            raise ValueError(f"num_blocks={num_blocks}: the decoder has {blocks} up blocks")
+        self.power_law, self.remove_outliers = power_law, remove_outliers
+
+    def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
+        return draw_noise(self.schedule, x0, generators)
+
+    def to(self, device) -> LatentPerceptualLoss:
+        self.vae.to(device)
+        return self
+
+    def features(self, latents: torch.Tensor) -> list[torch.Tensor]:
+        """The decoder's feature maps of (scaled) latents, in the order it computes them."""
+        decoder = self.vae.decoder
+        h = decoder.conv_in(self.vae.post_quant_conv(latents / self.vae.config.scaling_factor))
+        h = decoder.mid_block(h, None)
+        found = [h]
+        for block in decoder.up_blocks[: self.num_blocks]:
+            h = block(h, None)
+            found.append(h)
+        return found
+
+    def perceptual(self, x0_hat: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
+        """The LPL term per sample."""
+        with torch.no_grad():
+            targets = self.features(x0)
+        image_size = x0.shape[-1] * 2 ** (len(self.vae.decoder.up_blocks) - 1)
+        total = 0.0
+        for i, (x, y) in enumerate(zip(self.features(x0_hat), targets)):
+            x, y = x.float(), y.float()
+            down = image_size // y.shape[-1]
+            mask = _outlier_mask(y, down) if self.remove_outliers and down <= 2 else torch.ones_like(y)
+            y = y * mask
+            norm = y.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-6
+            squared = ((x / norm - y / norm) ** 2) * mask
+            per_channel = squared.sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)
+            total = total + per_channel.mean(1) * (2.0 ** -min(i, 3) if self.power_law else 1.0)
+        return total / (self.num_blocks + 1)
+
+    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
+        if eps is None or t is None:
+            drawn = self.draw(x0, _generators(generators, generator, len(x0)))
+            eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
+        schedule = self.schedule
+        x_t = schedule.add_noise(x0, eps, t)
+        v_hat = denoiser(x_t, t, context)
+        per_sample = DISTANCES["mse"](v_hat.float(), schedule.v_target(x0, eps, t).float())
+        low_noise = t < self.t_threshold
+        if low_noise.any():
+            x0_hat = schedule.x0_from_v(x_t[low_noise], v_hat[low_noise], t[low_noise])
+            extra = torch.zeros_like(per_sample).index_put((low_noise.nonzero()[:, 0],), self.perceptual(x0_hat, x0[low_noise]))
+            per_sample = per_sample + self.weight * extra
+        return per_sample, {"t": t}
