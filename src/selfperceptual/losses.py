@@ -70,13 +70,17 @@ class MSELoss:
     def to(self, device) -> MSELoss:
         return self
 
-    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
+    def v_error(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
+        """Eq. 4 per sample, with what it computed on the way: (per_sample, x_t, v_hat, t)."""
         if eps is None or t is None:
             drawn = self.draw(x0, _generators(generators, generator, len(x0)))
             eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
         x_t = self.schedule.add_noise(x0, eps, t)
         v_hat = denoiser(x_t, t, context)
-        per_sample = DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float())
+        return DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float()), x_t, v_hat, t
+
+    def __call__(self, denoiser, x0, context, **randomness):
+        per_sample, _, _, t = self.v_error(denoiser, x0, context, **randomness)
         return per_sample, {"t": t}
 
 
@@ -156,7 +160,7 @@ def _outlier_mask(features: torch.Tensor, down: int, quantile: float = 0.02) -> 
     return -torch.nn.functional.max_pool2d(-mask, opening, stride=1, padding=(opening - 1) // 2)
 
 
-class LatentPerceptualLoss:
+class LatentPerceptualLoss(MSELoss):
     """LPL (Berrada et al. 2025, "Boosting Latent Diffusion with Perceptual Objectives"): Eq. 4's
     v error plus ``weight`` times a distance between the frozen VAE decoder's features of x0_hat and
     of x0, for the samples with t < ``t_threshold`` (high SNR, where x0_hat is sharp enough).
@@ -171,16 +175,14 @@ class LatentPerceptualLoss:
 
     def __init__(self, schedule: Schedule, vae, weight: float = 1.0, t_threshold: int = 200, num_blocks: int | None = None,
                  power_law: bool = True, remove_outliers: bool = True):  # fmt: skip
-        self.schedule, self.weight, self.t_threshold = schedule, weight, t_threshold
+        super().__init__(schedule)
+        self.weight, self.t_threshold = weight, t_threshold
         self.vae = vae.requires_grad_(False).eval()
         blocks = len(vae.decoder.up_blocks)
         self.num_blocks = blocks if num_blocks is None else num_blocks
         if not 0 <= self.num_blocks <= blocks:
             raise ValueError(f"num_blocks={num_blocks}: the decoder has {blocks} up blocks")
         self.power_law, self.remove_outliers = power_law, remove_outliers
-
-    def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
-        return draw_noise(self.schedule, x0, generators)
 
     def to(self, device) -> LatentPerceptualLoss:
         self.vae.to(device)
@@ -209,22 +211,17 @@ class LatentPerceptualLoss:
             mask = _outlier_mask(y, down) if self.remove_outliers and down <= 2 else torch.ones_like(y)
             y = y * mask
             norm = y.pow(2).sum(dim=1, keepdim=True).sqrt() + 1e-6
-            squared = ((x / norm - y / norm) ** 2) * mask
+            squared = ((x - y) / norm) ** 2 * mask
             per_channel = squared.sum((2, 3)) / mask.sum((2, 3)).clamp(min=1)
             total = total + per_channel.mean(1) * (2.0 ** -min(i, 3) if self.power_law else 1.0)
         return total / (self.num_blocks + 1)
 
-    def __call__(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
-        if eps is None or t is None:
-            drawn = self.draw(x0, _generators(generators, generator, len(x0)))
-            eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
-        schedule = self.schedule
-        x_t = schedule.add_noise(x0, eps, t)
-        v_hat = denoiser(x_t, t, context)
-        per_sample = DISTANCES["mse"](v_hat.float(), schedule.v_target(x0, eps, t).float())
+    def __call__(self, denoiser, x0, context, **randomness):
+        per_sample, x_t, v_hat, t = self.v_error(denoiser, x0, context, **randomness)
         low_noise = t < self.t_threshold
         if low_noise.any():
-            x0_hat = schedule.x0_from_v(x_t[low_noise], v_hat[low_noise], t[low_noise])
-            extra = torch.zeros_like(per_sample).index_put((low_noise.nonzero()[:, 0],), self.perceptual(x0_hat, x0[low_noise]))
+            x0_hat = self.schedule.x0_from_v(x_t[low_noise], v_hat[low_noise], t[low_noise])
+            extra = torch.zeros_like(per_sample)
+            extra[low_noise] = self.perceptual(x0_hat, x0[low_noise])
             per_sample = per_sample + self.weight * extra
         return per_sample, {"t": t}
