@@ -1,11 +1,13 @@
-"""Step time and peak memory of an MSE step, our SP step, and a naive Algorithm 1 step.
+"""Step time and peak memory of an MSE step, our SP step, a naive Algorithm 1 step, and the peers' steps (LPL, Cas-DM).
 
     python benchmarks/sp_step.py                      # local-scale UNet and batch, CPU
     python benchmarks/sp_step.py --shape sd21 --device cuda --dtype bfloat16 --latent 64
 
-All three run on the same UNet, batch and latents. "naive" is Algorithm 1 as public ports write
+All run on the same UNet, batch and latents. "naive" is Algorithm 1 as public ports write
 it: a full deep copy of the UNet with a forward hook on the mid block, both branches with
-autograd. Each variant runs in its own process so peak memory is its own (CPU: max RSS; CUDA:
+autograd. "lpl" adds the VAE decoder's features below t = 200; "casdm" trains both cascaded
+modules with LPIPS on decoded images (the shape's VAE; LPIPS over the evaluation network for the
+local shape, over VGG16 with random weights for sd21). Each variant runs in its own process so peak memory is its own (CPU: max RSS; CUDA:
 max allocated). Ratios are to the MSE step measured in the same run: each variant runs
 ``--rounds`` times, interleaved with the others. Ratios are taken within a round; every round's
 ratios are printed, and the table shows the medians over the rounds (each round's step time is
@@ -27,21 +29,46 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+VARIANTS = ("mse", "sp", "naive", "lpl", "casdm")
 
 
 def build(shape: str):
     """(unet, text length, text width, latent side) for the local scale's UNet or SD 2.1-base's."""
     from diffusers import UNet2DConditionModel
 
-    from selfperceptual.config import load_params
     from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
 
     if shape == "sd21":
         return UNet2DConditionModel(**SD21_BASE_UNET), SD21_TEXT_TOKENS, SD21_BASE_UNET["cross_attention_dim"], 64
-    config = load_params(REPO / "params.yaml", "local")[1]
+    config = local_config()
     base, latent = config.base, config.download.resolution // 2 ** (len(config.base.vae.block_out_channels) - 1)
     unet = build_unet(base.unet, latent, base.vae.latent_channels, base.text.hidden_size, seed=0)
     return unet, base.text.max_length, base.text.hidden_size, latent
+
+
+def local_config():
+    from selfperceptual.config import load_params
+
+    return load_params(REPO / "params.yaml", "local")[1]
+
+
+def build_peer_parts(shape: str, folder: Path):
+    """(vae, LPIPS) for the peers: the local scale's tiny VAE and evaluation network, or SD 2.1-base's
+    VAE and LPIPS over VGG16 (random weights: the cost, not the values)."""
+    from diffusers import AutoencoderKL
+
+    from selfperceptual.casdm import BackboneLPIPS, FeatnetLPIPS
+    from selfperceptual.data.corpus import NUM_CLASSES
+    from selfperceptual.evaluation import TinyFeatureNet
+    from selfperceptual.models import SD21_BASE_VAE, build_vae
+    from selfperceptual.rehearsal import write_vgg_weights
+
+    if shape == "sd21":
+        write_vgg_weights(folder / "vgg16.pth", seed=0)
+        return AutoencoderKL(**SD21_BASE_VAE), BackboneLPIPS("vgg", folder / "vgg16.pth")
+    config = local_config()
+    vae = build_vae(config.base.vae, config.download.resolution, seed=0)
+    return vae, FeatnetLPIPS(TinyFeatureNet(NUM_CLASSES, config.featnet.feature_dim))
 
 
 class NaiveSelfPerceptual:
@@ -71,7 +98,10 @@ class NaiveSelfPerceptual:
 
 
 def measure(variant: str, args) -> dict:
-    from selfperceptual.losses import MSELoss, SelfPerceptualLoss
+    import tempfile
+
+    from selfperceptual.casdm import CascadedUNet, module_two
+    from selfperceptual.losses import CascadeLoss, LatentPerceptualLoss, MSELoss, SelfPerceptualLoss
     from selfperceptual.schedule import Schedule
     from selfperceptual.unet import Denoiser, PerceptualNetwork
 
@@ -81,13 +111,21 @@ def measure(variant: str, args) -> dict:
     latent = args.latent or latent
     unet.to(device, dtype).train()
     schedule = Schedule.zero_snr()
+    model, denoiser = unet, Denoiser(unet)
+    if variant in ("lpl", "casdm"):
+        with tempfile.TemporaryDirectory() as folder:
+            vae, metric = build_peer_parts(args.shape, Path(folder))
+        vae.to(device, dtype)
+    if variant == "casdm":
+        model = denoiser = CascadedUNet(unet, module_two(unet), schedule).to(device, dtype).train()
     loss_fn = {
         "mse": lambda: MSELoss(schedule),
         "sp": lambda: SelfPerceptualLoss(schedule, PerceptualNetwork.frozen_copy(unet, "midblock")),
         "naive": lambda: NaiveSelfPerceptual(schedule, unet),
+        "lpl": lambda: LatentPerceptualLoss(schedule, vae),
+        "casdm": lambda: CascadeLoss(schedule, vae, metric.to(device, dtype)),
     }[variant]()
-    denoiser = Denoiser(unet)
-    optimizer = torch.optim.Adam(unet.parameters(), lr=1e-5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     generator = torch.Generator(device).manual_seed(0)
     x0 = torch.randn(args.batch, 4, latent, latent, generator=generator, device=device, dtype=dtype)
     context = torch.randn(args.batch, length, width, generator=generator, device=device, dtype=dtype)
@@ -120,12 +158,12 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per process; the median is kept")
     parser.add_argument("--rounds", type=int, default=5, help="processes per variant, interleaved; the table shows medians over them")
-    parser.add_argument("--variant", choices=("mse", "sp", "naive"), help=argparse.SUPPRESS)
+    parser.add_argument("--variant", choices=VARIANTS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:  # a child process: measure one variant and report it as JSON
         print(json.dumps(measure(args.variant, args)))
         return
-    variants = ("mse", "sp", "naive")
+    variants = VARIANTS
     # Rounds interleave the variants, so a slow spell of a shared machine hits all three alike.
     # Ratios are taken within a round (a paired comparison); the table shows each variant's median
     # time, peak memory and ratio over the rounds.

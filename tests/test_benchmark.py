@@ -9,9 +9,9 @@ import sys
 def test_sp_step_benchmark_prints_a_row_per_variant_and_each_round(repo):
     command = [sys.executable, "benchmarks/sp_step.py", "--batch", "4", "--warmup", "0", "--repeats", "1", "--rounds", "2"]
     printed = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout
-    assert len(re.findall(r"^round \d: mse [\d.]+s  sp/mse [\d.]+  naive/mse [\d.]+$", printed, re.MULTILINE)) == 2
-    rows = {m[0]: m[1:] for m in re.findall(r"^(mse|sp|naive)\s+([\d.]+)s\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", printed, re.MULTILINE)}
-    assert set(rows) == {"mse", "sp", "naive"}
+    assert len(re.findall(r"^round \d: mse [\d.]+s  sp/mse [\d.]+  naive/mse [\d.]+  lpl/mse [\d.]+  casdm/mse [\d.]+$", printed, re.MULTILINE)) == 2
+    rows = {m[0]: m[1:] for m in re.findall(r"^(mse|sp|naive|lpl|casdm)\s+([\d.]+)s\s+([\d.]+)\s+(\d+)\s+([\d.]+)$", printed, re.MULTILINE)}
+    assert set(rows) == {"mse", "sp", "naive", "lpl", "casdm"}
     assert rows["mse"][1] == "1.00" and rows["mse"][3] == "1.00"  # ratios are to the MSE step of the same round
     assert all(float(row[0]) > 0 and int(row[2]) > 0 for row in rows.values())
 

@@ -87,3 +87,70 @@ def test_the_x0_trajectory_is_the_schedulers_own_and_ends_in_the_final_image(sav
     assert np.abs(np.asarray(images[0], dtype=np.int16) - final).mean() > 1  # and the first is not yet
     again = generate(pipeline, ["a red circle"], [3], 10, None, None)[0]
     assert np.array_equal(np.asarray(again), np.asarray(images[-1]))  # recording changes nothing
+
+
+def _cascade(pipeline):
+    from selfperceptual.casdm import CascadedUNet, module_two
+    from selfperceptual.schedule import Schedule
+
+    return CascadedUNet(pipeline.unet, module_two(pipeline.unet), Schedule.zero_snr())
+
+
+def test_casdm_pipeline_round_trips_and_samples_as_its_modules_say(saved_pipeline, tmp_path):
+    """A Cas-DM folder reloads with from_pretrained as a CasDMPipeline; with module two as made (a zero
+    correction) it samples exactly as the MSE pipeline, and with a correction its DDIM step takes
+    module two's x0 with module one's eps."""
+    from selfperceptual.casdm import CasDMPipeline
+    from selfperceptual.models import save_with_unet
+
+    plain = load_pipeline(saved_pipeline)
+    plain.set_progress_bar_config(disable=True)
+    cascade = _cascade(plain)
+    save_with_unet(saved_pipeline, cascade, folder := tmp_path / "pipeline")
+    reloaded = CasDMPipeline.from_pretrained(folder)
+    assert isinstance(load_pipeline(folder), CasDMPipeline) and reloaded.x0_unet.config.in_channels == 8
+    reloaded.set_progress_bar_config(disable=True)
+    prompts = ["a red circle", "a large blue square"]
+    for cfg, rescale in ((None, None), (3.0, 0.7)):
+        ours, theirs = (np.asarray(generate(p, prompts, [0, 1], 5, cfg, rescale)[0], dtype=int) for p in (reloaded, plain))
+        assert np.abs(ours - theirs).max() <= 1
+    # A correction of +delta to every x0: one DDIM step moves x_t by sqrt(alpha_bar_prev) * delta more.
+    with torch.no_grad():
+        reloaded.x0_unet.conv_out.bias.fill_(0.1)
+    one_step = {name: p(prompts[:1], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
+                for name, p in (("cascade", reloaded), ("plain", plain))}  # fmt: skip
+    assert torch.allclose(one_step["cascade"] - one_step["plain"], torch.full_like(one_step["plain"], 0.1), atol=1e-5)  # alpha_bar at t=0 is 1
+
+
+def test_casdm_loss_trains_module_two_with_the_metric_and_module_one_without(saved_pipeline, smoke_config):
+    from selfperceptual.casdm import FeatnetLPIPS
+    from selfperceptual.evaluation import TinyFeatureNet
+    from selfperceptual.losses import CascadeLoss, MSELoss
+    from selfperceptual.schedule import Schedule
+    from selfperceptual.unet import Denoiser
+
+    pipeline = load_pipeline(saved_pipeline)
+    cascade, schedule = _cascade(pipeline), Schedule.zero_snr()
+    metric = FeatnetLPIPS(TinyFeatureNet(num_classes=6, feature_dim=16))
+    x0 = torch.randn(4, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(4, smoke_config.base.text.max_length, smoke_config.base.text.hidden_size, generator=torch.Generator().manual_seed(1))
+    eps, t = torch.randn_like(x0), torch.tensor([999, 600, 150, 20])
+    loss = CascadeLoss(schedule, pipeline.vae, metric, x0_weight=1.0, metric_weight=1.0)
+    per_sample, _ = loss(cascade, x0, context, eps=eps, t=t)
+    v_only, _ = MSELoss(schedule)(Denoiser(pipeline.unet), x0, context, eps=eps, t=t)
+    assert (per_sample > v_only + 1e-6).all()  # the x0 and metric terms add to the v error
+    # Module one's gradient is the MSE loss's alone: the x0 and metric terms stop at module two.
+    one = torch.autograd.grad(per_sample.sum(), list(pipeline.unet.parameters()), allow_unused=True)
+    alone = torch.autograd.grad(v_only.sum(), list(pipeline.unet.parameters()), allow_unused=True)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, alone, strict=True) if a is not None)
+    # The metric's gradient reaches module two (through its zero output layer first), never the VAE or the metric.
+    no_metric = CascadeLoss(schedule, pipeline.vae, metric, x0_weight=1.0, metric_weight=0.0)
+    with_metric, _ = loss(cascade, x0, context, eps=eps, t=t)
+    without, _ = no_metric(cascade, x0, context, eps=eps, t=t)
+    (grad_with,) = torch.autograd.grad(with_metric.sum(), [cascade.x0_unet.conv_out.weight])
+    (grad_without,) = torch.autograd.grad(without.sum(), [cascade.x0_unet.conv_out.weight])
+    assert (grad_with - grad_without).abs().max() > 1e-6
+    assert not any(p.requires_grad for p in (*pipeline.vae.parameters(), *metric.parameters()))
+    # LPIPS of an image with itself is zero, and of another image more.
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert metric(images, images).abs().max() == 0 and (metric(images, images.flip(0)) > 0).all()

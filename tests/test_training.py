@@ -101,3 +101,38 @@ def test_both_networks_see_the_empty_caption_when_dropped_or_unconditional(tmp_p
     train(tiny_unet, data, loss, sp, settings, "text", 1000)
     assert all(not (context == data.empty).flatten(1).all(1).any() for context in seen["online"] + seen["frozen"])
     assert torch.equal(seen["online"][0], seen["frozen"][0])
+
+
+def test_casdm_trains_both_modules_in_the_one_loop_and_resumes_bit_for_bit(tmp_path, tiny_unet, smoke_config):
+    """Cas-DM's two modules go through the shared loop as one model: both change, module two's
+    output layer leaves zero, and two steps then a resume give the weights of four uninterrupted ones."""
+    import copy
+    from types import SimpleNamespace
+
+    from selfperceptual.casdm import CascadedUNet, FeatnetLPIPS, module_two
+    from selfperceptual.checkpoints import CheckpointStore
+    from selfperceptual.evaluation import TinyFeatureNet
+    from selfperceptual.losses import CascadeLoss
+    from selfperceptual.models import build_vae
+
+    data = _latent_folder(tmp_path / "data")
+    schedule = Schedule.zero_snr()
+    settings = smoke_config.train.model_copy(update={"global_batch": 4, "checkpoint_every_steps": 2})
+    vae = build_vae(SimpleNamespace(block_out_channels=[16, 32, 32], latent_channels=4, norm_num_groups=8), resolution=32, seed=0)
+    loss = CascadeLoss(schedule, vae, FeatnetLPIPS(TinyFeatureNet(num_classes=6, feature_dim=16)))
+    start = CascadedUNet(tiny_unet, module_two(tiny_unet), schedule).state_dict()
+
+    def fresh():
+        model = CascadedUNet(copy.deepcopy(tiny_unet), module_two(tiny_unet), schedule)
+        model.load_state_dict(start)
+        return model
+
+    casdm = settings.casdm.model_copy(update={"num_steps": 4})
+    whole = train(fresh(), data, loss, casdm, settings, "text", 1000).ema.state_dict()
+    for name in ("unet.conv_in.weight", "x0_unet.conv_in.weight", "x0_unet.conv_out.weight"):
+        assert not torch.equal(whole[name], start[name]), f"{name} did not train"
+    store = CheckpointStore(tmp_path / "checkpoints", keep=2)
+    train(fresh(), data, loss, casdm.model_copy(update={"num_steps": 2}), settings, "text", 1000, store)
+    resumed = train(fresh(), data, loss, casdm, settings, "text", 1000, store)
+    assert resumed.first_step == 2
+    assert all(torch.equal(value, whole[key]) for key, value in resumed.ema.state_dict().items())

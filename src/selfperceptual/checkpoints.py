@@ -27,7 +27,7 @@ PREFIX = "step-"
 
 
 # The code that decides what a training step computes: a checkpoint resumes only under the same.
-TRAINING_CODE = ("losses.py", "training.py", "unet.py", "schedule.py", "distributed.py", "data/latents.py", "checkpoints.py")
+TRAINING_CODE = ("losses.py", "training.py", "unet.py", "casdm.py", "schedule.py", "distributed.py", "data/latents.py", "checkpoints.py")
 
 
 def code_version() -> str:

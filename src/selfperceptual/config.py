@@ -127,6 +127,37 @@ class SelfPerceptualConfig(ObjectiveConfig):
     formulation: Literal["sp", "sp2"] = "sp"
 
 
+class LatentPerceptualConfig(ObjectiveConfig):
+    """LPL (Berrada et al. 2025), a peer objective: the MSE loss plus ``weight`` times the distance of
+    the frozen VAE decoder's features of x0_hat and x0, for t < ``t_threshold`` (losses.LatentPerceptualLoss).
+    Defaults: the values diffusers' examples/research_projects/lpl recommends."""
+
+    weight: float = Field(1.0, ge=0)
+    t_threshold: int = Field(200, ge=0)
+    num_blocks: int | None = Field(None, ge=0)  # decoder up blocks whose features count (null: all; SD's VAE has 4)
+    power_law: bool = True  # the i-th feature map weighted 2^-min(i, 3)
+    remove_outliers: bool = True
+
+
+class CasDMConfig(ObjectiveConfig):
+    """Cas-DM (arXiv 2401.02414), a peer objective: module one keeps the MSE loss; module two predicts x0
+    from x_t and module one's x0 estimate, trained with ``x0_weight`` times the MSE on x0 plus
+    ``metric_weight`` times LPIPS of the decoded images (casdm.py). The paper leaves the weights and the
+    dynamic weighting open; README gives our choices."""
+
+    x0_weight: float = Field(1.0, ge=0)
+    metric_weight: float = Field(1.0, ge=0)
+    metric_weighting: Literal["alpha_bar", "constant"] = "alpha_bar"  # LPIPS per sample times alpha_bar_t, or not
+    metric: Literal["featnet", "vgg", "alex"] = "featnet"  # LPIPS's backbone: the evaluation network, or LPIPS's own
+    metric_weights: str | None = None  # vgg/alex: torchvision's ImageNet weights file of that network
+
+    @model_validator(mode="after")
+    def _weights_named(self):
+        if self.metric != "featnet" and not self.metric_weights:
+            raise ValueError(f"metric {self.metric!r} needs metric_weights: the path of torchvision's {self.metric} weights file")
+        return self
+
+
 class TrainConfig(Section):
     seed: int = 0
     seeds: int = Field(1, gt=0)  # the Table 1 and 8 runs are trained with seeds seed, seed+1, ...; the report's intervals are over them
@@ -140,6 +171,8 @@ class TrainConfig(Section):
     keep_checkpoints: int = Field(gt=0)  # the latest this many are kept
     mse: ObjectiveConfig
     sp: SelfPerceptualConfig
+    lpl: LatentPerceptualConfig
+    casdm: CasDMConfig
 
 
 class FeatNetConfig(Section):

@@ -60,7 +60,7 @@ def _flops(run) -> float:
 def network_flops(resolution: int, layer: str = "midblock") -> dict[str, float]:
     """FLOPs per image of SD 2.1-base's networks at ``resolution`` px, counted on the meta device."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from torchvision.models import inception_v3
+    from torchvision.models import inception_v3, vgg16
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from .models import SD21_BASE_UNET, SD21_TEXT_TOKENS
@@ -80,6 +80,8 @@ def network_flops(resolution: int, layer: str = "midblock") -> dict[str, float]:
         context, t = torch.randn(1, SD21_TEXT_TOKENS, 1024), torch.tensor([500])
         tokens = torch.zeros(1, SD21_TEXT_TOKENS, dtype=torch.long)
         inception = inception_v3(weights=None, aux_logits=False, init_weights=False).eval()  # torch-fidelity's architecture
+        vgg = vgg16(weights=None).features.requires_grad_(False)  # Cas-DM's LPIPS backbone
+        vae.requires_grad_(False)
 
     def online_step():
         unet(latents, t, encoder_hidden_states=context).sample.sum().backward()
@@ -88,7 +90,16 @@ def network_flops(resolution: int, layer: str = "midblock") -> dict[str, float]:
         x = latents.clone().requires_grad_(True)
         sum(feature.sum() for feature in perceptual.features(x, t, context)).backward()
 
+    def decode_branch():  # the decoder on a prediction: forward, then gradients to its input only
+        vae.decode(latents.clone().requires_grad_(True)).sample.sum().backward()
+
+    def vgg_branch():
+        vgg(image.clone().requires_grad_(True)).sum().backward()
+
     return {
+        "decode_branch": _flops(decode_branch),
+        "vgg_forward": _flops(lambda: vgg(image)),
+        "vgg_branch": _flops(vgg_branch),
         "unet_forward": _flops(lambda: unet(latents, t, encoder_hidden_states=context)),
         "unet_train": _flops(online_step),
         "frozen_forward": _flops(lambda: perceptual.features(latents, t, context)),
@@ -100,12 +111,19 @@ def network_flops(resolution: int, layer: str = "midblock") -> dict[str, float]:
     }
 
 
-def train_flops_per_image(resolution: int, objective: str, layer: str) -> float:
+def train_flops_per_image(resolution: int, objective: str, layer: str, low_noise_fraction: float = 0.2) -> float:
     """One training sample: the online UNet's forward and backward; for SP also f*_l on the real
-    branch (no graph) and on the predicted branch (forward and input-gradient backward), Alg. 1."""
+    branch (no graph) and on the predicted branch (forward and input-gradient backward), Alg. 1.
+    LPL adds the VAE decoder on both (an upper bound: its features stop before the last layers) for
+    the ``low_noise_fraction`` of samples below its threshold; Cas-DM trains two UNets and adds the
+    decoder and LPIPS's VGG16 on both images."""
     counts = network_flops(resolution, layer)
     if objective == "mse":
         return counts["unet_train"]
+    if objective == "lpl":
+        return counts["unet_train"] + low_noise_fraction * (counts["vae_decode"] + counts["decode_branch"])
+    if objective == "casdm":
+        return 2 * counts["unet_train"] + counts["vae_decode"] + counts["decode_branch"] + counts["vgg_forward"] + counts["vgg_branch"]
     return counts["unet_train"] + counts["frozen_forward"] + counts["frozen_branch"]
 
 
@@ -121,9 +139,10 @@ def estimate(config, peak_tflops: float, utilization: float, kept_rows: int, mea
         resources = config.resources.of(stage.command)
         if stage.command == "train":
             run = train_run_named(stage.name)
-            objective = config.train.mse if run.objective == "mse" else config.train.sp
+            objective = getattr(config.train, run.steps_of or run.objective)  # its step count
             layer = dict(setting.split("=") for setting in run.settings).get("train.sp.layer", config.train.sp.layer)
-            per_image = train_flops_per_image(resolution, run.objective, layer)
+            low_noise = config.train.lpl.t_threshold / config.schedule.num_train_timesteps
+            per_image = train_flops_per_image(resolution, run.objective, layer, low_noise)
             images = objective.num_steps * config.train.global_batch
             seconds = images / measured_images_per_s * per_image / mse_step if measured_images_per_s else images * per_image / rate
             note = f"{objective.num_steps} steps x {config.train.global_batch}, {per_image / 1e12:.2f} TFLOP/image"

@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from .config import load_params
-from .experiments import RELEASED_MODELS, RELEASED_ROWS, plan
+from .experiments import PEERS, RELEASED_MODELS, RELEASED_ROWS, plan
 
 PARAMS_FILE = "params.yaml"
 PAPER_RESULTS = "workflow/paper_results.yaml"
@@ -91,12 +91,16 @@ def build_stages(config) -> list[Stage]:
     runs = plan(config.train.seeds)
     for run in runs.train_runs.values():
         inputs = {"data": _names(encodes), "init": [run.init], **({"perceptual": [run.perceptual]} if run.perceptual else {})}
+        if run.objective == "casdm" and config.train.casdm.metric == "featnet":
+            inputs["metric"] = ["featnet"]  # LPIPS over the evaluation network
+        borrowed = (f"train.{run.steps_of}.num_steps", f"train.{run.steps_of}.learning_rate") if run.steps_of else ()
         extra = " ".join([
             f"--objective {run.objective} --conditioning {run.conditioning} --checkpoints {checkpoint_dir(run.name)}",
+            *([f"--steps-of {run.steps_of}"] if run.steps_of else []),
             *(f"--set {s}" for s in run.settings),
             *([f"--set train.seed={config.train.seed + run.seed}"] if run.seed else []),
         ])
-        stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}"), extra))
+        stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}", *borrowed), extra))
     for name, source in runs.freezes.items():
         stages.append(_stage(name, "freeze", {"model": [source]}, ()))
     rows = list(runs.rows.values())
@@ -118,7 +122,7 @@ def build_stages(config) -> list[Stage]:
     figures = {"mse": ["train_mse"], "sp": ["train_sp"], "uncond_mse": ["train_mse_uncond"], "uncond_sp": ["train_sp_uncond"], "corpus": ["corpus"]}
     stages.append(_stage("figures", "figures", figures, ("figures", "sample.precision", "schedule")))
     report = _stage(
-        "report", "report", {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"]},
+        "report", "report", {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS]},
         ("report", "evaluate.bootstrap", "train.seeds"), f"--paper-results {PAPER_RESULTS}",
     )  # fmt: skip
     stages.append(Stage(report.name, report.command, report.args, (*report.deps, PAPER_RESULTS), report.params))
@@ -146,6 +150,8 @@ SOURCES = {
     "authors.mse": "hf download ByteDance/sd2.1-base-zsnr-laionaes6",
     "authors.sp": "hf download ByteDance/sd2.1-base-zsnr-laionaes6-perceptual",
     "evaluate.clip": "hf download openai/clip-vit-large-patch14 (or a local copy of its folder)",
+    "train.casdm.metric_weights": "torchvision's VGG16 ImageNet weights, https://download.pytorch.org/models/vgg16-397923af.pth "
+    "(AlexNet with metric alex: https://download.pytorch.org/models/alexnet-owt-7be5be79.pth)",
 }
 
 
@@ -156,6 +162,8 @@ def missing_external_inputs(config) -> list[str]:
         paths.update({f"corpus.{key}": getattr(config.corpus, key) for key in ("laion_parquet", "coco_captions", "coco_images")})
     if config.featnet.kind == "inception":
         paths["featnet.inception_weights"] = config.featnet.inception_weights
+    if config.train.casdm.metric != "featnet":
+        paths["train.casdm.metric_weights"] = config.train.casdm.metric_weights
     if config.base.pretrained:
         models["base.pretrained"] = config.base.pretrained
     if config.authors:

@@ -56,3 +56,12 @@ def runtime(precision: str) -> Runtime:
     if precision not in DTYPES:
         raise ValueError(f"unknown precision {precision!r}; choose one of {', '.join(DTYPES)}")
     return Runtime(default_device(), DTYPES[precision])
+
+
+def peak_memory_mib() -> float:
+    """This process's peak memory so far: allocated on the GPU when there is one, else the CPU's max RSS."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux

@@ -25,11 +25,12 @@ def unseeded(name: str) -> tuple[str, int]:
 @dataclass(frozen=True)
 class TrainRun:
     name: str  # the stage name and output folder
-    objective: str  # mse | sp
+    objective: str  # mse | sp | lpl | casdm
     conditioning: str  # text | uncond
     init: str  # stage whose pipeline is the starting point
     perceptual: str | None = None  # freeze stage that provides f* (SP only)
     settings: tuple[str, ...] = ()  # --set overrides of the scale block (the ablations)
+    steps_of: str | None = None  # train for this objective's num_steps at its learning rate (the peers' MSE control)
     seed: int = 0  # added to train.seed: the training seeds of the Table 1 and 8 runs (train.seeds)
 
 
@@ -56,7 +57,8 @@ class SampleRow:
     @property
     def tables(self) -> list[str]:
         name = unseeded(self.name)[0]
-        return [table_name for table_name, table in TABLES.items() if any(entry.row == name for entry in table.rows)]
+        found = [table_name for table_name, table in TABLES.items() if any(entry.row == name for entry in table.rows)]
+        return found + (["peers"] if any(peer.row == name for peer in PEERS) else [])
 
 
 def _sp_ablation(name: str, *settings: str, init: str = "train_mse", perceptual: str = "freeze") -> TrainRun:
@@ -89,7 +91,15 @@ ABLATION_RUNS = (
     _sp_ablation("train_sp_round2", init="train_sp", perceptual="freeze_sp"),
 )
 
-TRAIN_RUNS = {run.name: run for run in (*MAIN_RUNS, *ABLATION_RUNS)}
+# The peers (README, "Peers"): each fine-tunes the MSE model for as many steps, at the same rate, as
+# SP does; "MSE, continued" is the same with the MSE loss, the control for the extra steps.
+PEER_RUNS = (
+    TrainRun("train_mse_continued", "mse", "text", init="train_mse", steps_of="sp"),
+    TrainRun("train_lpl", "lpl", "text", init="train_mse"),
+    TrainRun("train_casdm", "casdm", "text", init="train_mse"),
+)
+
+TRAIN_RUNS = {run.name: run for run in (*MAIN_RUNS, *ABLATION_RUNS, *PEER_RUNS)}
 
 
 @dataclass(frozen=True)
@@ -126,8 +136,31 @@ SAMPLE_ROWS = {
         SampleRow("sp_cfg3_r07_s25", "train_sp", 25, cfg=3.0, rescale=0.7),
         SampleRow("sp_cfg4_r07_s25", "train_sp", 25, cfg=4.0, rescale=0.7),
         SampleRow("sp_cfg75_r07_s25", "train_sp", 25, cfg=7.5, rescale=0.7),
+        *(SampleRow(run.name.removeprefix("train_") + "_s25", run.name, 25) for run in PEER_RUNS),
     )
 }
+
+
+@dataclass(frozen=True)
+class Peer:
+    label: str
+    row: str  # its sampling row (25 DDIM steps, no CFG)
+    training: str  # its training stage
+
+
+# The peers table: SP beside the other perceptual objectives, each fine-tuned from train_mse.
+PEERS = (
+    Peer("MSE (the starting model)", "mse_s25", "train_mse"),
+    Peer("MSE, continued", "mse_continued_s25", "train_mse_continued"),
+    Peer("SP", "sp_s25", "train_sp"),
+    Peer("LPL", "lpl_s25", "train_lpl"),
+    Peer("Cas-DM", "casdm_s25", "train_casdm"),
+)
+
+
+def peer_tags(stage: str) -> dict:
+    """The MLflow tag of the peers' runs (training and evaluation): filter with tags.comparison = 'peers'."""
+    return {"comparison": "peers"} if any(stage in (peer.training, f"evaluate_{peer.row}") for peer in PEERS) else {}
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,8 @@
 The caller may pass the randomness (eps, t, t') so tests can pin it and the training loop can draw
 it per sample (``draw``); otherwise it is drawn here.
 ``MSELoss`` is Eq. 4; ``SelfPerceptualLoss`` is Eq. 5-11 and Algorithm 1 (and Eq. 13-16 for sp2);
-``LatentPerceptualLoss`` is a peer objective (LPL, Berrada et al. 2025) for comparison.
+``LatentPerceptualLoss`` (LPL, Berrada et al. 2025) and ``CascadeLoss`` (Cas-DM, arXiv 2401.02414)
+are peer objectives, for comparison.
 """
 
 from __future__ import annotations
@@ -70,14 +71,21 @@ class MSELoss:
     def to(self, device) -> MSELoss:
         return self
 
-    def v_error(self, denoiser, x0, context, eps=None, t=None, generator=None, generators=None):
-        """Eq. 4 per sample, with what it computed on the way: (per_sample, x_t, v_hat, t)."""
+    def noised(self, x0, eps=None, t=None, generator=None, generators=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(eps, t, x_t): the given or drawn noise and timesteps, and x0 noised with them (Eq. 5)."""
         if eps is None or t is None:
             drawn = self.draw(x0, _generators(generators, generator, len(x0)))
             eps, t = drawn["eps"] if eps is None else eps, drawn["t"] if t is None else t
-        x_t = self.schedule.add_noise(x0, eps, t)
+        return eps, t, self.schedule.add_noise(x0, eps, t)
+
+    def v_distance(self, v_hat, x0, eps, t) -> torch.Tensor:
+        return DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float())
+
+    def v_error(self, denoiser, x0, context, **randomness):
+        """Eq. 4 per sample, with what it computed on the way: (per_sample, x_t, v_hat, t)."""
+        eps, t, x_t = self.noised(x0, **randomness)
         v_hat = denoiser(x_t, t, context)
-        return DISTANCES["mse"](v_hat.float(), self.schedule.v_target(x0, eps, t).float()), x_t, v_hat, t
+        return self.v_distance(v_hat, x0, eps, t), x_t, v_hat, t
 
     def __call__(self, denoiser, x0, context, **randomness):
         per_sample, _, _, t = self.v_error(denoiser, x0, context, **randomness)
@@ -225,3 +233,43 @@ class LatentPerceptualLoss(MSELoss):
             extra[low_noise] = self.perceptual(x0_hat, x0[low_noise])
             per_sample = per_sample + self.weight * extra
         return per_sample, {"t": t}
+
+
+class CascadeLoss(MSELoss):
+    """Cas-DM's objective on a ``casdm.CascadedUNet``: module one's v error (Eq. 4, unchanged), plus
+    ``x0_weight`` times module two's squared error on x0, plus ``metric_weight`` times LPIPS (``metric``)
+    of module two's x0 and the real x0, both decoded by the frozen VAE; with ``metric_weighting``
+    "alpha_bar" each sample's LPIPS is weighted by alpha_bar_t, the signal's share of x_t, so the
+    metric acts where x_t still holds the image (our reading of the paper's dynamic weight). Module
+    two's input x0_hat carries no gradient, so module one never sees the metric."""
+
+    def __init__(self, schedule: Schedule, vae, metric, x0_weight: float = 1.0, metric_weight: float = 1.0, metric_weighting: str = "alpha_bar"):
+        super().__init__(schedule)
+        if metric_weighting not in ("alpha_bar", "constant"):
+            raise ValueError(f"unknown metric_weighting {metric_weighting!r}; choose alpha_bar or constant")
+        self.vae, self.metric = vae.requires_grad_(False).eval(), metric.requires_grad_(False).eval()
+        self.x0_weight, self.metric_weight, self.metric_weighting = x0_weight, metric_weight, metric_weighting
+
+    def to(self, device) -> CascadeLoss:
+        self.vae.to(device)
+        self.metric.to(device)
+        return self
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(latents / self.vae.config.scaling_factor, return_dict=False)[0]
+
+    def __call__(self, cascade, x0, context, **randomness):
+        eps, t, x_t = self.noised(x0, **randomness)
+        v_hat, x0_refined = cascade(x_t, t, context)
+        v_error = self.v_distance(v_hat, x0, eps, t)
+        x0_error = DISTANCES["mse"](x0_refined.float(), x0.float())
+        per_sample = v_error + self.x0_weight * x0_error
+        logs = {"t": t}
+        if self.metric_weight > 0:
+            with torch.no_grad():
+                real = self.decode(x0)
+            metric = self.metric(self.decode(x0_refined), real).float()
+            if self.metric_weighting == "alpha_bar":
+                metric = metric * self.schedule.alpha_bar.to(metric.device)[t.long()].float()
+            per_sample = per_sample + self.metric_weight * metric
+        return per_sample, logs

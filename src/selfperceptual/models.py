@@ -6,6 +6,7 @@ the paper's SD 2.1-base go through the same code.
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 from pathlib import Path
@@ -17,6 +18,7 @@ from tokenizers.models import WordLevel
 from tokenizers.processors import TemplateProcessing
 from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
 
+from .casdm import CascadedUNet, CasDMPipeline, mark_cascade
 from .device import Runtime
 from .schedule import Schedule
 
@@ -34,6 +36,19 @@ SD21_BASE_UNET = dict(
     cross_attention_dim=1024,
     use_linear_projection=True,
     norm_num_groups=32,
+)
+# Its VAE (vae/config.json): the cost of decoding for the peers' benchmarks.
+SD21_BASE_VAE = dict(
+    in_channels=3,
+    out_channels=3,
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    block_out_channels=(128, 256, 512, 512),
+    layers_per_block=2,
+    latent_channels=4,
+    norm_num_groups=32,
+    sample_size=768,
+    scaling_factor=0.18215,
 )
 SD21_TEXT_TOKENS = 77  # CLIP's context length; the text width is cross_attention_dim
 
@@ -126,23 +141,26 @@ def ddim_scheduler(schedule_config) -> DDIMScheduler:
     )
 
 
-def assemble_pipeline(vae, text_encoder, tokenizer, unet, scheduler) -> StableDiffusionPipeline:
-    return StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
+def assemble_pipeline(vae, text_encoder, tokenizer, model, scheduler) -> StableDiffusionPipeline:
+    """A pipeline around ``model``: a UNet, or Cas-DM's two modules (a CasDMPipeline)."""
+    components = dict(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                      requires_safety_checker=False)  # fmt: skip
+    if isinstance(model, CascadedUNet):
+        return CasDMPipeline(unet=model.unet, x0_unet=model.x0_unet, **components)
+    return StableDiffusionPipeline(unet=model, **components)
+
+
+def pipeline_class(path: str | Path) -> type[StableDiffusionPipeline]:
+    """CasDMPipeline for a folder saved with Cas-DM's module two, else StableDiffusionPipeline."""
+    index = Path(path) / "model_index.json"
+    cascade = index.is_file() and json.loads(index.read_text()).get("_class_name") == CasDMPipeline.__name__
+    return CasDMPipeline if cascade else StableDiffusionPipeline
 
 
 def load_pipeline(path: str | Path, runtime: Runtime | None = None) -> StableDiffusionPipeline:
     """A pipeline folder (or hub id), on ``runtime``'s device and dtype when given, else fp32 on the CPU."""
     dtype = runtime.dtype if runtime else torch.float32
-    pipeline = StableDiffusionPipeline.from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
+    pipeline = pipeline_class(path).from_pretrained(str(path), dtype=dtype, safety_checker=None, requires_safety_checker=False)
     return runtime.place_pipeline(pipeline) if runtime else pipeline
 
 
@@ -163,14 +181,19 @@ def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:
     return UNet2DConditionModel.from_pretrained(str(pipeline_dir), subfolder="unet")
 
 
-def save_with_unet(source_pipeline_dir: str | Path, unet: UNet2DConditionModel, out_dir: Path) -> None:
-    """Writes a pipeline folder: every component of ``source_pipeline_dir`` but a new UNet."""
+def save_with_unet(source_pipeline_dir: str | Path, model, out_dir: Path) -> None:
+    """Writes a pipeline folder: every component of ``source_pipeline_dir`` but a new UNet (or,
+    for Cas-DM's ``CascadedUNet``, both new modules: a CasDMPipeline's folder)."""
     source = Path(source_pipeline_dir)
     for item in source.iterdir():
-        if item.name == "unet":
+        if item.name in ("unet", "x0_unet"):
             continue
         (shutil.copytree if item.is_dir() else shutil.copy2)(item, out_dir / item.name)
-    unet.save_pretrained(out_dir / "unet", safe_serialization=True)
+    cascade = isinstance(model, CascadedUNet)
+    (model.unet if cascade else model).save_pretrained(out_dir / "unet", safe_serialization=True)
+    if cascade:
+        model.x0_unet.save_pretrained(out_dir / "x0_unet", safe_serialization=True)
+        mark_cascade(out_dir)
 
 
 @torch.no_grad()

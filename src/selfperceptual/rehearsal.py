@@ -22,7 +22,9 @@ writes what params.yaml's ``rehearsal`` block names, each where the paper block'
   dict with random Kaiming-initialised weights (PyTorch's default init gives degenerate features),
   batch norms calibrated on rendered scenes (``write_inception_weights``);
 - ``clip/``: openai/clip-vit-large-patch14's folder layout with a tiny random CLIP model, for the
-  CLIP score of text alignment.
+  CLIP score of text alignment;
+- ``lpips/vgg16-397923af.pth``: torchvision's VGG16 state dict (its convolutional ``features``,
+  all LPIPS reads) with torchvision's random initialisation, for Cas-DM's LPIPS.
 """
 
 from __future__ import annotations
@@ -225,6 +227,15 @@ def write_inception_weights(path: Path, seed: int) -> None:
     torch.save(nn.Module.state_dict(network.eval()), path)
 
 
+def write_vgg_weights(path: Path, seed: int) -> None:
+    """torchvision's VGG16 weights file format, the convolutional part only, randomly initialised."""
+    from torchvision.models import vgg16
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({f"features.{key}": value for key, value in vgg16().features.state_dict().items()}, path)
+
+
 def write_inputs(out: Path, url_base: str, num_laion_rows: int = 600, num_coco_images: int = 40, resolution: int = 64, seed: int = 0) -> None:
     """Every rehearsal input under ``out`` (written atomically: a crash leaves nothing)."""
     with atomic_dir(out) as folder:
@@ -236,6 +247,7 @@ def write_inputs(out: Path, url_base: str, num_laion_rows: int = 600, num_coco_i
             write_sd21_layout(folder / name, captions, resolution, seed + offset)
         write_inception_weights(folder / "inception" / INCEPTION_FILE, seed)
         write_clip(folder / "clip", captions, seed)
+        write_vgg_weights(folder / "lpips" / "vgg16-397923af.pth", seed)
 
 
 def main(argv=None) -> int:

@@ -1,4 +1,5 @@
-"""The one training loop. MSE and self-perceptual runs share every line but the loss callable."""
+"""The one training loop. Every objective (MSE, SP and the peers LPL and Cas-DM) shares every line but the loss
+callable and, for Cas-DM, the model it trains (both cascaded modules)."""
 
 from __future__ import annotations
 
@@ -15,24 +16,45 @@ import torch
 from accelerate import Accelerator
 from tqdm import tqdm
 
+from .casdm import CascadedUNet, build_metric, module_two
 from .checkpoints import CheckpointStore
 from .data.latents import LatentData  # noqa: F401 - the training set, re-exported for the stages and tests
 from .distributed import ACCELERATE_PRECISION, BatchPlan, sample_generators
 from .io import read_json
-from .losses import MSELoss, SelfPerceptualLoss
+from .losses import CascadeLoss, LatentPerceptualLoss, MSELoss, SelfPerceptualLoss
 from .schedule import Schedule
 from .unet import Denoiser, PerceptualNetwork
 
 NUM_T_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
 
 
-def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir: Path | None, unet, init: Path | str = "the initial model"):
-    """The loss callable and its settings section for an objective (``mse`` or ``sp``). For SP,
-    f* must be a frozen copy of ``unet``, the model training starts from (Algorithm 1 l. 9-11)."""
+OBJECTIVES = ("mse", "sp", "lpl", "casdm")
+
+
+def trained_model(objective: str, pipeline, schedule: Schedule) -> torch.nn.Module:
+    """What an objective trains: the pipeline's UNet, or for Cas-DM both modules (the pipeline's
+    module two when it has one, else one made from its UNet)."""
+    if objective != "casdm":
+        return pipeline.unet
+    x0_unet = getattr(pipeline, "x0_unet", None)
+    return CascadedUNet(pipeline.unet, x0_unet if x0_unet is not None else module_two(pipeline.unet), schedule)
+
+
+def build_loss(objective: str, train_config, schedule: Schedule, perceptual_dir: Path | None, unet, init: Path | str = "the initial model",
+               vae=None, metric_dir: Path | None = None):  # fmt: skip
+    """The loss callable and its settings section for an objective (``OBJECTIVES``). For SP, f*
+    must be a frozen copy of ``unet``, the model training starts from (Algorithm 1 l. 9-11); LPL
+    and Cas-DM need the pipeline's ``vae``, and Cas-DM with the featnet metric its folder ``metric_dir``."""
     if objective == "mse":
         return MSELoss(schedule), train_config.mse
+    if objective == "lpl":
+        lpl = train_config.lpl
+        return LatentPerceptualLoss(schedule, vae, lpl.weight, lpl.t_threshold, lpl.num_blocks, lpl.power_law, lpl.remove_outliers), lpl
+    if objective == "casdm":
+        casdm = train_config.casdm
+        return CascadeLoss(schedule, vae, build_metric(casdm, metric_dir), casdm.x0_weight, casdm.metric_weight, casdm.metric_weighting), casdm
     if objective != "sp":
-        raise ValueError(f"unknown objective {objective!r}; choose mse or sp")
+        raise ValueError(f"unknown objective {objective!r}; choose one of {', '.join(OBJECTIVES)}")
     if perceptual_dir is None:
         raise SystemExit("--objective sp needs --perceptual (a freeze stage's folder)")
     network_dir, sp = perceptual_dir / "network", train_config.sp
@@ -165,7 +187,8 @@ def train(
         logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
     ema = ema.to(device) if main else None
     model, optimizer = accelerator.prepare(unet, optimizer)
-    denoiser, loss_fn = Denoiser(model), loss_fn.to(device)
+    denoiser = model if isinstance(unet, CascadedUNet) else Denoiser(model)  # the cascade returns (v_hat, x0) itself
+    loss_fn = loss_fn.to(device)
     positions = plan.samples_of(accelerator.process_index)
     num_steps = objective_config.num_steps
     started = time.perf_counter()

@@ -21,7 +21,7 @@ from safetensors.torch import load_file, save_file
 from .. import tracking
 from ..device import runtime
 from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
-from ..experiments import ABLATION_RUNS, row_named, unseeded
+from ..experiments import ABLATION_RUNS, peer_tags, row_named, unseeded
 from ..intervals import FrechetToReference, bootstrap
 from ..io import write_json
 from ..sampling import grid, sample_images
@@ -90,6 +90,7 @@ def run(args, config, scale, out) -> None:
         "rescale": row.rescale if row.rescale is not None else "none",
         "steps": row.steps,
         "nfe": row.nfe,
+        **peer_tags(args.out.name),
     }
     log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
     return lambda: tracking.log_run(

@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from ..claims import Evidence, Finding, RowRun, judge, twin_distances
-from ..experiments import TABLES, unseeded
+from ..experiments import PEERS, TABLES, TRAIN_RUNS, unseeded
 from ..intervals import bootstrap, over_seeds
 from ..io import read_json, write_json
 
@@ -24,6 +24,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--figures", type=Path, required=True, help="the figures stage's folder")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
+    parser.add_argument("--training", type=Path, action="append", default=[], help="a peer's training stage folder (repeat): its cost")
 
 
 def _fmt(value, digits=2, spread=None) -> str:
@@ -89,6 +90,35 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
             rows.append(settings + cells)
         tables[name] = rows
     return tables
+
+
+def peers_table(metrics: dict[str, dict], training: dict[str, dict]) -> list[list[str]]:
+    """SP beside the other perceptual objectives, one row per peer (experiments.PEERS): the same
+    sampling row settings, the evaluation of Table 1, and the cost its training stage measured."""
+    rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment",
+             "s/step (this run)", "Peak memory MiB (this run)"]]  # fmt: skip
+    for peer in PEERS:
+        ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
+        low, high = ours.get("fid_low"), ours.get("fid_high")
+        rows.append([
+            peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
+            "—" if low is None else f"[{low:.2f}, {high:.2f}]", _fmt(ours.get("is"), 2, ours.get("is_spread")),
+            *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
+            _fmt(cost.get("seconds_per_step"), 3), _fmt(cost.get("peak_memory_mib"), 0),
+        ])  # fmt: skip
+    return rows
+
+
+PEERS_NOTE = (
+    "Every peer is trained on the same data with the same batch, and sampled like Table 1's rows (DDIM, 25 steps, no "
+    "guidance, the same seeds and captions). MSE (the starting model) is Table 1's MSE model; the others are fine-tuned "
+    "from it for as many steps at the same learning rate as SP, MSE continued with the MSE loss alone, the control for the "
+    "extra steps. LPL: the MSE loss plus the VAE decoder's feature distance at low noise (Berrada et al. 2025). Cas-DM: "
+    "module one keeps the MSE loss, module two predicts x0 with LPIPS on decoded images (arXiv 2401.02414); at the small "
+    "scales LPIPS runs on the evaluation network itself, so Cas-DM is trained on the features FID measures. s/step and peak "
+    "memory are what each training job measured here (jobs ran side by side; CPU: the process's peak RSS); "
+    "benchmarks/sp_step.py compares them in one controlled run."
+)
 
 
 ALIGNMENT = {  # what the Alignment column measures, with and without evaluate.clip
@@ -211,6 +241,7 @@ def run(args, config, scale, out) -> None:
     metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
+    peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training})
     margins = config.report.equivalence_margins
     evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap, margins.model_dump())
     judged = judge(evidence)
@@ -249,6 +280,8 @@ def run(args, config, scale, out) -> None:
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
+    md.append(f"## Peers: SP beside LPL and Cas-DM\n\n{markdown_table(peers)}\n\n{PEERS_NOTE}\n")
+    page.append(f"<h2>Peers: SP beside LPL and Cas-DM</h2>{html_table(peers)}<p>{html.escape(PEERS_NOTE)}</p>")
     for file_name, title, legend in shown:
         md.append(f"## {title}\n\n![{title}]({file_name})\n\n{legend}\n")
         page.append(f"<h2>{html.escape(title)}</h2><img src='{file_name}' alt='{html.escape(title)}'><p>{html.escape(legend)}</p>")
@@ -263,5 +296,5 @@ def run(args, config, scale, out) -> None:
         for claim, verdict, findings in judged
     ]  # fmt: skip
     layout = {label: {key: value for key, value in found.items() if key != "per_image"} for label, found in (layout or {}).items()}
-    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "claims": verdicts, "layout": layout})
+    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "peers": peers, "claims": verdicts, "layout": layout})
     log.info("report: %s", out / "report.md")

@@ -1,4 +1,4 @@
-"""train: fine-tune the UNet with the MSE objective (Eq. 4) or the self-perceptual one (Eq. 11).
+"""train: fine-tune the UNet with the MSE objective (Eq. 4), the self-perceptual one (Eq. 11), or a peer's (LPL, Cas-DM).
 
 Everything the stage loads (``--init``, ``--perceptual``, ``--data``) is loaded and checked before
 the first step. Training checkpoints every ``train.checkpoint_every_steps`` into ``--checkpoints``
@@ -17,13 +17,14 @@ import torch
 
 from .. import tracking
 from ..checkpoints import CheckpointStore, fingerprint
-from ..device import runtime
+from ..device import peak_memory_mib, runtime
 from ..distributed import launch_command
+from ..experiments import peer_tags
 from ..io import read_json, write_json
 from ..models import assemble_pipeline, load_stage_pipeline, save_with_unet
 from ..sampling import generate, grid
 from ..schedule import Schedule
-from ..training import LatentData, Monitor, TrainingInterrupted, build_loss, train
+from ..training import OBJECTIVES, LatentData, Monitor, TrainingInterrupted, build_loss, train, trained_model
 
 log = logging.getLogger("train")
 PREVIEW_IMAGES = 8
@@ -34,7 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--data", type=Path, action="append", required=True, help="an encode stage's folder (repeat for each part, in order)")
     parser.add_argument("--init", type=Path, required=True, help="folder whose pipeline/ is the starting model")
     parser.add_argument("--perceptual", type=Path, help="a freeze stage's folder (sp only)")
-    parser.add_argument("--objective", choices=("mse", "sp"), required=True)
+    parser.add_argument("--metric", type=Path, help="the featnet stage's folder: LPIPS's backbone (casdm with train.casdm.metric featnet)")
+    parser.add_argument("--objective", choices=OBJECTIVES, required=True)
+    parser.add_argument("--steps-of", choices=OBJECTIVES, help="train for this objective's num_steps at its learning_rate (the peers' MSE control)")
     parser.add_argument("--conditioning", choices=("text", "uncond"), required=True)
     parser.add_argument("--checkpoints", type=Path, required=True, help="where training state is kept across failures and resumes (never an output folder)")
 
@@ -96,13 +99,17 @@ def run(args, config, scale, out):
     # Load and check everything before the first step.
     schedule = Schedule.from_config(config.schedule)
     init = load_stage_pipeline("--init", args.init)  # every component loaded now: a broken file fails before the first step
-    unet = init.unet
+    model = trained_model(args.objective, init, schedule)  # the UNet, or Cas-DM's two modules
     data = LatentData(args.data)
-    check_data(data, unet, args.data)
-    loss_fn, objective_config = build_loss(args.objective, config.train, schedule, args.perceptual, unet, args.init)
+    check_data(data, init.unet, args.data)
+    loss_fn, objective_config = build_loss(args.objective, config.train, schedule, args.perceptual, init.unet, args.init, init.vae, args.metric)
+    if args.steps_of:
+        borrowed = getattr(config.train, args.steps_of)
+        objective_config = objective_config.model_copy(update={"num_steps": borrowed.num_steps, "learning_rate": borrowed.learning_rate})
     settings = {
         "objective": args.objective, "conditioning": args.conditioning, "train": config.train.model_dump(), "schedule": config.schedule.model_dump(),
         "init": str(args.init.resolve()), "perceptual": str(args.perceptual.resolve()) if args.perceptual else None,
+        "metric": str(args.metric.resolve()) if args.metric else None, "steps_of": args.steps_of,
         "data": [str(folder.resolve()) for folder in args.data], "num_samples": len(data),
     }
     for key in ("log_every_steps", "preview_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_per_device_batch"):
@@ -116,8 +123,9 @@ def run(args, config, scale, out):
         run_ = tracking.TrainingRun(
             scale,
             stage=args.out.name,
-            params={"objective": args.objective, "conditioning": args.conditioning, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
-            tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", **sp_tags(args.objective, config.train.sp, args.perceptual)},
+            params={"objective": args.objective, "conditioning": args.conditioning, "steps_of": args.steps_of, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
+            tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train",
+                  **sp_tags(args.objective, config.train.sp, args.perceptual), **peer_tags(args.out.name)},
             state_file=store.folder / "mlflow_run.json",
         )
         prompts = data.captions(PREVIEW_IMAGES) if args.conditioning == "text" else [""] * PREVIEW_IMAGES
@@ -125,7 +133,7 @@ def run(args, config, scale, out):
 
     # Train.
     try:
-        result = train(unet, data, loss_fn, objective_config, config.train, args.conditioning, schedule.num_train_timesteps, store, monitor)
+        result = train(model, data, loss_fn, objective_config, config.train, args.conditioning, schedule.num_train_timesteps, store, monitor)
     except TrainingInterrupted as stopped:
         if run_:
             run_.end("KILLED")
@@ -142,7 +150,8 @@ def run(args, config, scale, out):
     save_with_unet(args.init / "pipeline", result.ema, out / "pipeline")
     monitor.render(result.ema, out / "preview.png")
     history = result.history
-    metrics = {"final_loss": history.final(), "seconds_per_step": result.seconds_per_step, "resumed_from_step": result.first_step}
+    metrics = {"final_loss": history.final(), "seconds_per_step": result.seconds_per_step, "resumed_from_step": result.first_step,
+               "num_steps": objective_config.num_steps, "peak_memory_mib": peak_memory_mib()}  # fmt: skip
     write_json(out / "metrics.json", metrics)
     write_json(out / "loss_curve.json", history.series)
 
