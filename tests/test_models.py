@@ -15,6 +15,7 @@ from selfperceptual.models import (
     encode_prompts,
     load_pipeline,
 )
+from selfperceptual.device import Runtime
 from selfperceptual.sampling import generate
 
 
@@ -120,6 +121,9 @@ def test_casdm_pipeline_round_trips_and_samples_as_its_modules_say(saved_pipelin
     one_step = {name: p(prompts[:1], num_inference_steps=1, guidance_scale=1.0, generator=torch.Generator().manual_seed(0), output_type="latent").images
                 for name, p in (("cascade", reloaded), ("plain", plain))}  # fmt: skip
     assert torch.allclose(one_step["cascade"] - one_step["plain"], torch.full_like(one_step["plain"], 0.1), atol=1e-5)  # alpha_bar at t=0 is 1
+    # A stage's runtime places module two with the others (on a GPU, in the stage's precision).
+    Runtime(torch.device("cpu"), torch.bfloat16).place_pipeline(reloaded)
+    assert {p.dtype for p in reloaded.x0_unet.parameters()} == {torch.bfloat16}
 
 
 def test_casdm_loss_trains_module_two_with_the_metric_and_module_one_without(saved_pipeline, smoke_config):

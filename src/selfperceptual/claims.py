@@ -138,7 +138,7 @@ class Evidence:
             first, second = (run.features if images is None else run.features[images] for run in runs)
             return float(twin_distances(first, second).mean())
         (run,) = runs
-        if statistic == "alignment" and run.alignment is not None:  # per image: a CLIP score's row value is floored at 0
+        if statistic == "alignment" and run.alignment is not None:  # per image, so it resamples; the row's value is their mean
             return float(run.alignment.mean() if images is None else run.alignment[images].mean())
         if images is None:
             return run.metrics.get(statistic)

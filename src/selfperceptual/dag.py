@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import yaml
@@ -31,6 +31,7 @@ class Stage:
     args: str  # what follows the command: input folders and options
     deps: tuple[str, ...]
     params: tuple[str, ...]  # keys inside the scale block
+    priority: int = 0  # Snakemake starts the highest first among runnable jobs: long jobs early, so no core idles at the end
 
     @property
     def out(self) -> str:
@@ -40,6 +41,10 @@ class Stage:
     def cmd(self) -> str:
         args = f" {self.args}" if self.args else ""
         return f"python -m selfperceptual {self.command}{args} --params {PARAMS_FILE} --scale {{scale}} --out {self.out}"
+
+
+# Training, and what training waits for, before sampling; Cas-DM's, the longest job, first of all.
+TRAIN_PRIORITY, BEFORE_TRAINING = {"casdm": 2}, 1
 
 
 def run_dir(stage: str) -> str:
@@ -100,9 +105,10 @@ def build_stages(config) -> list[Stage]:
             *(f"--set {s}" for s in run.settings),
             *([f"--set train.seed={config.train.seed + run.seed}"] if run.seed else []),
         ])
-        stages.append(_stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}", *borrowed), extra))
+        stage = _stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}", *borrowed), extra)
+        stages.append(replace(stage, priority=TRAIN_PRIORITY.get(run.objective, BEFORE_TRAINING)))
     for name, source in runs.freezes.items():
-        stages.append(_stage(name, "freeze", {"model": [source]}, ()))
+        stages.append(replace(_stage(name, "freeze", {"model": [source]}, ()), priority=BEFORE_TRAINING))
     rows = list(runs.rows.values())
     if config.authors:  # the authors' checkpoints, imported as base models are
         for model in RELEASED_MODELS.values():

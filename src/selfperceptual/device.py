@@ -34,9 +34,11 @@ class Runtime:
         return module.to(self.device).eval()
 
     def place_pipeline(self, pipeline):
-        """Every model of a diffusers pipeline on this device and dtype (``place`` for each)."""
-        for name in ("unet", "vae", "text_encoder"):
-            self.place(getattr(pipeline, name))
+        """Every model of a diffusers pipeline on this device and dtype (``place`` for each; Cas-DM's
+        module two, ``x0_unet``, included)."""
+        for name in ("unet", "vae", "text_encoder", "x0_unet"):
+            if getattr(pipeline, name, None) is not None:
+                self.place(getattr(pipeline, name))
         return pipeline
 
     def tensor(self, value: torch.Tensor) -> torch.Tensor:

@@ -204,8 +204,10 @@ def clip_scores(model: str, images: list[Image.Image], prompts: list[str], batch
     """Per image, 100 times the cosine of its CLIP image embedding and its caption's text embedding
     (CLIP score, Hessel et al. 2021, w = 100), with the CLIP model at ``model`` (a local folder, or
     a hub id in the local Hugging Face cache); captions past CLIP's 77 tokens are cut. The row's
-    score is max(mean, 0), as torchmetrics' ``CLIPScore`` reports it; its 1.9.0 cannot be used here,
-    as it reads ``get_image_features`` as a tensor, which transformers 5 no longer returns."""
+    score is their mean. torchmetrics' ``CLIPScore`` floors that mean at 0; we do not, so the table
+    and the claims' intervals use the same numbers (only a meaningless CLIP model scores below 0).
+    Its 1.9.0 cannot be used here, as it reads ``get_image_features`` as a tensor, which
+    transformers 5 no longer returns."""
     from transformers import CLIPModel, CLIPProcessor
 
     try:

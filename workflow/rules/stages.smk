@@ -18,6 +18,7 @@ for stage in STAGES:
         resources:
             **rule_resources(CONFIG.resources.of(stage.command), CLUSTER, stage.command),
         retries: TRAIN_RETRIES if stage.command == "train" else 0  # a stopped training job resumes from its checkpoint
+        priority: stage.priority
         params:
             # The command goes through params: `shell:` is evaluated when the job runs, after
             # this loop has moved on, while params are bound now.
