@@ -8,7 +8,10 @@ export PATH := $(CURDIR)/$(VENV)/bin:$(PATH)
 export NO_ALBUMENTATIONS_UPDATE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup run test generate clean-runs
+CLIP_VENV := .venv-clip
+CLIP_STAMP := $(CLIP_VENV)/.installed
+
+.PHONY: setup run test generate clean-runs clip-env
 
 # One lock for laptops, CI and clusters: the regular torch build (pinned with `===`, so the local
 # `+cpu` build some machines offer cannot be picked) with its torchvision, CUDA libraries included.
@@ -20,6 +23,17 @@ $(STAMP): requirements.lock pyproject.toml
 	touch $@
 
 setup: $(STAMP)
+
+# clip-retrieval's own environment (it pins numpy<2, pyarrow<16, webdataset<0.3 and open_clip<3, and
+# imports setuptools' pkg_resources), from its own lock. The clip_embed stage runs `make clip-env`
+# the first time it needs it; the same torch build as .venv comes from pip's cache.
+$(CLIP_STAMP): requirements-clip.lock
+	test -x $(CLIP_VENV)/bin/python || python3 -m venv $(CLIP_VENV)
+	$(CLIP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(CLIP_VENV)/bin/python -m pip install --quiet -r requirements-clip.lock
+	touch $@
+
+clip-env: $(CLIP_STAMP)
 
 run: setup
 	snakemake --cores all --config scale=$(SCALE)

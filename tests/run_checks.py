@@ -7,7 +7,7 @@ import mlflow
 from selfperceptual.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED
 from selfperceptual.config import load_params
 from selfperceptual.dag import build_stages
-from selfperceptual.experiments import RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
+from selfperceptual.experiments import PEERS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
 
 VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
 
@@ -50,20 +50,31 @@ def check_outputs_and_runs(copy, scale):
     assert f"1. {figures['fig3_4_prompts'][0]};" in report  # the figure's legend names what each row was asked for
     assert figures["fig6_timesteps"] == [f"t={t}" for t in range(1000, 0, -100)] + ["final"]
 
+    # The peers' table and the data section: Cas-DM's folder loads as a CasDMPipeline.
+    assert "## Peers: SP beside LPL and Cas-DM" in report and "## Data: the aesthetic filter, measured again" in report
+    assert [row[0] for row in results["peers"][1:]] == [peer.label for peer in PEERS]
+    index = json.loads((runs_dir / "train_casdm" / "pipeline" / "model_index.json").read_text())
+    assert index["_class_name"] == "CasDMPipeline" and (runs_dir / "train_casdm" / "pipeline" / "x0_unet").is_dir()
+    data = json.loads((runs_dir / "aesthetic" / "stats.json").read_text())
+    assert data["kept"] + data["removed"] == data["samples"] > 0
+
     runs = finished_runs(copy, scale)
-    assert len(runs) == len(TRAIN_RUNS) + len(rows) + 1  # and the figures
+    data_stages = {stage.name for stage in build_stages(config) if stage.command in ("clip", "clip_embed", "aesthetic_train", "aesthetic")}
+    assert len(runs) == len(TRAIN_RUNS) + len(rows) + 1 + len(data_stages)  # and the figures
     assert (runs["tags.kind"] == "figures").sum() == 1
+    assert set(runs["tags.stage"]) >= data_stages
     assert runs["tags.pipeline_execution"].nunique() == 1
     evaluations = runs[runs["tags.kind"] == "evaluate"].set_index("tags.row")
     assert set(evaluations.index) == rows
     row = evaluations.loc["mse_cfg75_r07_s25"]
     assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
-    assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)]
+    assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)] + ["peers"]
+    assert set(runs[runs["tags.comparison"] == "peers"]["tags.stage"]) == {s for p in PEERS for s in (p.training, f"evaluate_{p.row}")}
     assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "layer_decoder")
     assert evaluations["metrics.fid"].notna().all() and evaluations["metrics.is"].notna().all()
     trains = runs[runs["tags.kind"] == "train"]
-    assert set(trains["tags.objective"]) == {"mse", "sp"}
+    assert set(trains["tags.objective"]) == {"mse", "sp", "lpl", "casdm"}
     by_stage = trains.set_index("tags.stage")
     assert by_stage.loc["train_sp_layer_decoder", "tags.sp_layer"] == "decoder"
     assert by_stage.loc["train_sp_distance_mae", "tags.sp_distance"] == "mae"

@@ -14,7 +14,7 @@ def test_gpu_settings_go_only_to_jobs_that_ask_for_gpus(repo):
     resources = load_params(repo / "params.yaml", "paper")[1].resources
     cluster = cluster_settings({"partition": "cpu", "gpu_partition": "gpu", "account": "lab", "gpu_model": "a100"})
     train, report = rule_resources(resources.of("train"), cluster, "train"), rule_resources(resources.of("report"), cluster, "report")
-    assert train == {"mem_mb": 512000, "runtime": 7440, "gpu": 8, "gpu_model": "a100", "slurm_partition": "gpu", "slurm_account": "lab",
+    assert train == {"mem_mb": 512000, "runtime": 19260, "gpu": 8, "gpu_model": "a100", "slurm_partition": "gpu", "slurm_account": "lab",
                      "slurm_extra": "--signal=TERM@600"}
     two_nodes = rule_resources(resources.of("train").model_copy(update={"nodes": 2}), cluster, "train")
     assert (two_nodes["nodes"], two_nodes["gpu"]) == (2, 16) and "tasks" not in two_nodes  # SLURM's default: one task per node
@@ -57,5 +57,5 @@ def test_readme_shows_what_the_paper_scale_asks_for(repo):
     from selfperceptual.cluster import resource_table
 
     table = resource_table(load_params(repo / "params.yaml", "paper")[1])
-    assert "| `train` | 12 | 1 | 64 | 512 GB | 124 h | 8 |" in table
+    assert "| `train` | 15 | 1 | 64 | 512 GB | 321 h | 8 |" in table
     assert table in (repo / "README.md").read_text(), "README's table is stale: python -m selfperceptual.cluster paper"

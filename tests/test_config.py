@@ -35,13 +35,14 @@ def test_paper_scale_holds_section_4_hyperparameters(raw):
 REHEARSAL_MAY_DIFFER = (
     "corpus.num_eval_captions", "filter.min_side", "download.resolution", "download.processes", "download.threads",
     "download.shard_size", "encode.batch", "encode.shard_size", "train.global_batch", "train.max_per_device_batch",
-    "sample.num_images", "sample.batch", "evaluate.batch", "figures.num_prompts", "figures.uncond_images", "figures.x0_prompts",  # sizes
+    "sample.num_images", "sample.batch", "evaluate.batch", "clip.batch", "figures.num_prompts", "figures.uncond_images", "figures.x0_prompts",  # sizes
     "train.mse.num_steps", "train.sp.num_steps", "train.lpl.num_steps", "train.casdm.num_steps", "train.log_every_steps", "train.preview_every_steps",
     "train.checkpoint_every_steps", "figures.uncond_steps",  # step counts
     "download.num_jobs", "encode.num_jobs", "sample.num_jobs",  # job splits
     "corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained",
-    "featnet.inception_weights", "authors.mse", "authors.sp", "evaluate.clip", "train.casdm.metric_weights",  # input paths
-    *(f"resources.{command}.{size}" for command in ("default", "corpus", "filter", "download", "base", "featnet", "encode",
+    "featnet.inception_weights", "authors.mse", "authors.sp", "evaluate.clip", "train.casdm.metric_weights", "clip.model",
+    "aesthetic.weights",  # input paths
+    *(f"resources.{command}.{size}" for command in ("default", "corpus", "filter", "download", "clip_embed", "base", "featnet", "encode",
       "train", "freeze", "sample", "evaluate", "figures", "report") for size in ("cpus", "mem_mb", "runtime_min")),  # job sizes
 )
 

@@ -112,7 +112,7 @@ def test_paper_scale_names_each_missing_external_input_and_where_to_get_it(repo)
     assert result.returncode != 0
     output = result.stdout + result.stderr
     for key in ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained", "authors.mse", "authors.sp", "evaluate.clip",
-                "train.casdm.metric_weights"):  # fmt: skip
+                "train.casdm.metric_weights", "clip.model", "aesthetic.weights"):  # fmt: skip
         assert f"{key}: " in output
     assert "https://download.pytorch.org/models/vgg16-397923af.pth" in output
     assert re.search(r"featnet.inception_weights: \S+ is not there\. Get it from https://github.com/toshas/torch-fidelity/releases/\S+\.pth", output)
@@ -136,12 +136,12 @@ def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
     for key in ("laion_parquet", "coco_captions", "coco_images"):
         (copy / getattr(paper.corpus, key)).parent.mkdir(parents=True, exist_ok=True)
         (copy / getattr(paper.corpus, key)).symlink_to((copy / getattr(rehearsal.corpus, key)).resolve())
-    for key in ("featnet.inception_weights", "train.casdm.metric_weights"):
+    for key in ("featnet.inception_weights", "train.casdm.metric_weights", "aesthetic.weights"):
         (copy / attrgetter(key)(paper)).parent.mkdir(parents=True)
         (copy / attrgetter(key)(paper)).symlink_to((copy / attrgetter(key)(rehearsal)).resolve())
     cache = tmp_path / "hub"
-    models = ("base.pretrained", "authors.mse", "authors.sp", "evaluate.clip")
-    for repo_id, folder in (tuple(attrgetter(key)(config) for config in (paper, rehearsal)) for key in models):
+    models = ("base.pretrained", "authors.mse", "authors.sp", "evaluate.clip", "clip.model")
+    for repo_id, folder in dict(tuple(attrgetter(key)(config) for config in (paper, rehearsal)) for key in models).items():
         _hub_cache(cache, repo_id, copy / folder)
     result = run([sys.executable, "-m", "snakemake", "-n", "--config", "scale=paper"], copy, env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1"})
     stages = build_stages(paper)

@@ -149,7 +149,7 @@ def test_clip_score_is_the_cosine_of_each_image_with_its_own_caption(tmp_path):
     from selfperceptual.rehearsal import write_clip
 
     captions = ["a red circle on grass", "two blue squares", "a photo of a cat on a sofa", "a green star", "blue"]
-    write_clip(tmp_path / "clip", captions, seed=0)
+    write_clip(tmp_path / "clip", seed=0)
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (48 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(5)]
     scores = clip_scores(str(tmp_path / "clip"), images, captions, batch=2, device=runtime("fp32"))

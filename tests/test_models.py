@@ -5,6 +5,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+from selfperceptual.device import Runtime
 from selfperceptual.models import (
     assemble_pipeline,
     build_text_encoder,
@@ -15,7 +16,6 @@ from selfperceptual.models import (
     encode_prompts,
     load_pipeline,
 )
-from selfperceptual.device import Runtime
 from selfperceptual.sampling import generate
 
 

@@ -21,7 +21,8 @@ from .config import ParamsError, load_params
 from .io import atomic_dir, write_json
 from .tracking import TrackingError
 
-STAGES = ("corpus", "filter", "download", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate", "figures", "report")
+STAGES = ("corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train", "aesthetic", "base", "featnet", "encode", "train", "freeze",
+          "sample", "evaluate", "figures", "report")
 
 
 def _parser(names=STAGES) -> argparse.ArgumentParser:

@@ -108,6 +108,50 @@ class EncodeConfig(Section):
     num_jobs: int = Field(1, gt=0)  # split into this many jobs (contiguous blocks of batches); same result
 
 
+class TinyClipConfig(Section):
+    """The tiny CLIP the clip stage trains where no CLIP weights exist (tinyclip.py): both towers
+    ``width`` wide and ``layers`` deep, images cut into ``patch``-pixel patches."""
+
+    width: int = Field(gt=0)
+    layers: int = Field(gt=0)
+    heads: int = Field(gt=0)
+    patch: int = Field(gt=0)
+    embed_dim: int = Field(gt=0)
+    train_steps: int = Field(ge=0)
+    batch: int = Field(gt=1)
+    learning_rate: float = Field(gt=0)
+
+
+class ClipConfig(Section):
+    """The CLIP of the data stages: clip-retrieval's image and text embeddings of the downloaded
+    shards, and the aesthetic re-scoring. ``model``: a Hugging Face CLIP folder, or a hub id in the
+    local cache (paper: openai/clip-vit-large-patch14); null: the clip stage trains ``tiny`` on the
+    downloaded images and captions."""
+
+    model: str | None
+    tiny: TinyClipConfig | None = None
+    batch: int = Field(gt=0)  # clip-retrieval inference batch
+
+    @model_validator(mode="after")
+    def _tiny_needs_settings(self):
+        if self.model is None and self.tiny is None:
+            raise ValueError("model is null, so the tiny CLIP's settings (tiny) are required")
+        return self
+
+
+class AestheticConfig(Section):
+    """The LAION aesthetic predictor (aesthetics.py) over the CLIP image embeddings. ``weights``: its
+    weights file (paper: sac+logos+ava1-l14-linearMSE.pth); null: the aesthetic_train stage fits the
+    same architecture, ``hidden`` wide, to corpus images' AESTHETIC_SCORE."""
+
+    weights: str | None
+    hidden: list[int]
+    train_rows: int = Field(ge=0)  # corpus images it is fitted on (null weights)
+    train_steps: int = Field(ge=0)
+    batch: int = Field(gt=0)
+    learning_rate: float = Field(gt=0)
+
+
 class ScheduleConfig(Section):
     beta_start: float
     beta_end: float
@@ -262,6 +306,10 @@ class ResourcesConfig(Section):
     corpus: JobResources | None = None
     filter: JobResources | None = None
     download: JobResources | None = None
+    clip: JobResources | None = None
+    clip_embed: JobResources | None = None
+    aesthetic_train: JobResources | None = None
+    aesthetic: JobResources | None = None
     base: JobResources | None = None
     featnet: JobResources | None = None
     encode: JobResources | None = None
@@ -282,6 +330,8 @@ class ScaleConfig(Section):
     download: DownloadConfig
     base: BaseModelConfig
     encode: EncodeConfig
+    clip: ClipConfig
+    aesthetic: AestheticConfig
     schedule: ScheduleConfig
     train: TrainConfig
     featnet: FeatNetConfig

@@ -77,6 +77,22 @@ def _names(stages: list[Stage]) -> list[str]:
     return [stage.name for stage in stages]
 
 
+def data_checks(config, downloads: list[Stage]) -> list[Stage]:
+    """clip-retrieval's embeddings of the downloaded shards and the aesthetic score measured anew;
+    where no CLIP or predictor weights exist (``clip.model``, ``aesthetic.weights`` null), the stages
+    that train the tiny ones."""
+    tiny_clip = config.clip.model is None
+    clip = {"clip": ["clip"]} if tiny_clip else {}
+    stages = [_stage("clip", "clip", {"images": _names(downloads)}, ("clip", "download.resolution", "corpus.seed"))] if tiny_clip else []
+    stages.append(_stage("clip_embed", "clip_embed", {"images": _names(downloads), **clip}, ("clip",)))
+    predictor = {}
+    if config.aesthetic.weights is None:
+        stages.append(_stage("aesthetic_train", "aesthetic_train", {"corpus": ["corpus"], **clip}, ("aesthetic", "clip", "corpus.seed")))
+        predictor = {"predictor": ["aesthetic_train"]}
+    stages.append(_stage("aesthetic", "aesthetic", {"embeddings": ["clip_embed"], **predictor}, ("aesthetic", "filter.min_aesthetic")))
+    return stages
+
+
 def build_stages(config) -> list[Stage]:
     """Every stage of one scale (the scale's ``num_jobs`` settings decide how stages are split)."""
     downloads = _split("download", "download", {"filtered": ["filter"], "corpus": ["corpus"]}, ("download",), "", config.download.num_jobs)
@@ -91,6 +107,7 @@ def build_stages(config) -> list[Stage]:
         _stage("base", "base", {} if config.base.pretrained else {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
         _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate.batch", "evaluate.precision", "corpus.seed", "download.resolution")),
         *encodes,
+        *data_checks(config, downloads),
     ]
     train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
     runs = plan(config.train.seeds)
@@ -120,15 +137,17 @@ def build_stages(config) -> list[Stage]:
         parts = _split(
             f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
         )
+        clip = {"clip": ["clip"]} if config.clip.model is None else {}  # the CLIP score's CLIP
         evaluation = _stage(
-            f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"]}, ("evaluate",)
+            f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"], **clip}, ("evaluate", "clip.model")
         )
         stages += [*parts, evaluation]
         evaluations.append(evaluation.name)
     figures = {"mse": ["train_mse"], "sp": ["train_sp"], "uncond_mse": ["train_mse_uncond"], "uncond_sp": ["train_sp_uncond"], "corpus": ["corpus"]}
     stages.append(_stage("figures", "figures", figures, ("figures", "sample.precision", "schedule")))
     report = _stage(
-        "report", "report", {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS]},
+        "report", "report",
+        {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS], "aesthetic": ["aesthetic"]},
         ("report", "evaluate.bootstrap", "train.seeds"), f"--paper-results {PAPER_RESULTS}",
     )  # fmt: skip
     stages.append(Stage(report.name, report.command, report.args, (*report.deps, PAPER_RESULTS), report.params))
@@ -156,6 +175,9 @@ SOURCES = {
     "authors.mse": "hf download ByteDance/sd2.1-base-zsnr-laionaes6",
     "authors.sp": "hf download ByteDance/sd2.1-base-zsnr-laionaes6-perceptual",
     "evaluate.clip": "hf download openai/clip-vit-large-patch14 (or a local copy of its folder)",
+    "clip.model": "hf download openai/clip-vit-large-patch14 (or a local copy of its folder)",
+    "aesthetic.weights": "the LAION improved-aesthetic-predictor's weights, "
+    "https://github.com/christophschuhmann/improved-aesthetic-predictor/raw/main/sac+logos+ava1-l14-linearMSE.pth",
     "train.casdm.metric_weights": "torchvision's VGG16 ImageNet weights, https://download.pytorch.org/models/vgg16-397923af.pth "
     "(AlexNet with metric alex: https://download.pytorch.org/models/alexnet-owt-7be5be79.pth)",
 }
@@ -170,12 +192,16 @@ def missing_external_inputs(config) -> list[str]:
         paths["featnet.inception_weights"] = config.featnet.inception_weights
     if config.train.casdm.metric != "featnet":
         paths["train.casdm.metric_weights"] = config.train.casdm.metric_weights
+    if config.aesthetic.weights is not None:
+        paths["aesthetic.weights"] = config.aesthetic.weights
     if config.base.pretrained:
         models["base.pretrained"] = config.base.pretrained
     if config.authors:
         models.update({"authors.mse": config.authors.mse, "authors.sp": config.authors.sp})
     if config.evaluate.clip:
         models["evaluate.clip"] = config.evaluate.clip
+    if config.clip.model:
+        models["clip.model"] = config.clip.model
     missing = [key for key, path in paths.items() if not path or not Path(path).exists()]
     missing += [key for key, name in models.items() if not Path(name).exists() and not _in_hub_cache(name)]
     values = {**paths, **models}

@@ -23,6 +23,8 @@ writes what params.yaml's ``rehearsal`` block names, each where the paper block'
   batch norms calibrated on rendered scenes (``write_inception_weights``);
 - ``clip/``: openai/clip-vit-large-patch14's folder layout with a tiny random CLIP model, for the
   CLIP score of text alignment;
+- ``aesthetic/sac+logos+ava1-l14-linearMSE.pth``: the LAION aesthetic predictor's state dict with
+  random weights, over the tiny CLIP's embeddings;
 - ``lpips/vgg16-397923af.pth``: torchvision's VGG16 state dict (its convolutional ``features``,
   all LPIPS reads) with torchvision's random initialisation, for Cas-DM's LPIPS.
 """
@@ -47,6 +49,7 @@ from .io import atomic_dir
 from .models import SD21_BASE_UNET, SD21_TEXT_TOKENS, caption_words
 
 INCEPTION_FILE = "weights-inception-2015-12-05-6726825d.pth"  # torch-fidelity's upstream name
+AESTHETIC_FILE = "sac+logos+ava1-l14-linearMSE.pth"  # the LAION predictor's upstream name
 TINY_WIDTH = 32  # text width = cross-attention width of the tiny SD 2.1 layout
 
 
@@ -179,12 +182,15 @@ def write_sd21_layout(folder: Path, captions: list[str], resolution: int, seed: 
     }, indent=2))
 
 
-def write_clip(folder: Path, captions: list[str], seed: int) -> None:
-    """openai/clip-vit-large-patch14's folder layout (CLIPModel, its tokenizer files, CLIP's image
-    preprocessing at 224 pixels, patches of 14) with a tiny random model: the CLIP score's code path."""
+def write_clip(folder: Path, seed: int) -> None:
+    """openai/clip-vit-large-patch14's folder layout (CLIPModel, OpenAI CLIP's tokenizer files, CLIP's
+    image preprocessing at 224 pixels, patches of 14) with a tiny random model: the code paths of the
+    CLIP score and of clip-retrieval, which tokenizes with OpenAI's vocabulary itself."""
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
-    tokenizer = write_clip_tokenizer(folder, captions)
+    from .tinyclip import write_tokenizer
+
+    tokenizer = write_tokenizer(folder)
     torch.manual_seed(seed)
     layers = {"hidden_size": TINY_WIDTH, "intermediate_size": 4 * TINY_WIDTH, "num_hidden_layers": 2, "num_attention_heads": 2}
     CLIPModel(CLIPConfig(
@@ -227,6 +233,16 @@ def write_inception_weights(path: Path, seed: int) -> None:
     torch.save(nn.Module.state_dict(network.eval()), path)
 
 
+def write_aesthetic_weights(path: Path, input_dim: int, seed: int) -> None:
+    """The LAION aesthetic predictor's weights file (a state dict) with random weights, for a CLIP
+    ``input_dim`` wide."""
+    from .aesthetics import AestheticPredictor
+
+    torch.manual_seed(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(AestheticPredictor(input_dim).state_dict(), path)
+
+
 def write_vgg_weights(path: Path, seed: int) -> None:
     """torchvision's VGG16 weights file format, the convolutional part only, randomly initialised."""
     from torchvision.models import vgg16
@@ -246,7 +262,8 @@ def write_inputs(out: Path, url_base: str, num_laion_rows: int = 600, num_coco_i
         for offset, name in enumerate(("sd21-base", "authors/mse", "authors/sp")):
             write_sd21_layout(folder / name, captions, resolution, seed + offset)
         write_inception_weights(folder / "inception" / INCEPTION_FILE, seed)
-        write_clip(folder / "clip", captions, seed)
+        write_clip(folder / "clip", seed)
+        write_aesthetic_weights(folder / "aesthetic" / AESTHETIC_FILE, TINY_WIDTH, seed)
         write_vgg_weights(folder / "lpips" / "vgg16-397923af.pth", seed)
 
 

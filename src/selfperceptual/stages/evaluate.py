@@ -5,7 +5,9 @@ Text alignment of the text-conditioned rows: with ``evaluate.clip`` (the rehears
 scales), CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings, with
 the CLIP model it names; without (the synthetic corpus), the fraction of samples that the
 evaluation classifier labels with their caption's shape and colour (the corpus's ``eval.parquet``
-holds each caption's label).
+holds each caption's label). Beside it, ``clip_score``: the CLIP score with the data stages' CLIP
+(``clip.model``, or the clip stage's tiny CLIP, ``--clip``), whose embeddings clip-retrieval made of
+the training set; where that CLIP is ``evaluate.clip``'s, the alignment already is that score.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat for each part)")
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (each eval caption's label)")
+    parser.add_argument("--clip", type=Path, help="the clip stage's folder (the tiny CLIP, when clip.model is null)")
 
 
 def caption_labels(corpus: Path) -> dict[str, int]:
@@ -73,6 +76,10 @@ def run(args, config, scale, out) -> None:
     if alignment is not None:
         scores["alignment"] = float(alignment.mean())  # the mean of the values the claims resample (no floor at 0)
         per_image["alignment"] = alignment.float()
+    data_clip = config.clip.model or (args.clip / "model" if args.clip else None)
+    alignment_is_it = bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model  # the same CLIP: already computed
+    if data_clip and all(prompts) and not alignment_is_it:
+        scores["clip_score"] = float(clip_scores(str(data_clip), images, prompts, config.evaluate.batch, device).mean())
     save_file(per_image, out / "features.safetensors")  # the report's paired intervals and layout distances
     write_json(out / "metrics.json", {"row": row.name, **scores})
     grid([images[:GRID_IMAGES]]).save(out / "samples.png")

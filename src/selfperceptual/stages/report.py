@@ -25,6 +25,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
     parser.add_argument("--training", type=Path, action="append", default=[], help="a peer's training stage folder (repeat): its cost")
+    parser.add_argument("--aesthetic", type=Path, help="the aesthetic stage's folder: the filter measured again")
 
 
 def _fmt(value, digits=2, spread=None) -> str:
@@ -34,7 +35,7 @@ def _fmt(value, digits=2, spread=None) -> str:
     return f"{value:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
-SEED_METRICS = ("fid", "is", "precision", "recall", "alignment")
+SEED_METRICS = ("fid", "is", "precision", "recall", "alignment", "clip_score")
 
 
 def over_training_seeds(runs: list[dict]) -> dict:
@@ -68,11 +69,12 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
     """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —.
     Where the authors' checkpoints were evaluated (rows ``authors_<row>``), Table 1 shows them too."""
     tables = {}
+    clip_header = ["CLIP score (ours)"] if any("clip_score" in row for row in metrics.values()) else []
     for name, table in TABLES.items():
         released = name == "table1" and any(f"authors_{entry.row}" in metrics for entry in table.rows)
         header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
         header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
-        header += ["FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", "Training seeds"]
+        header += ["FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", *clip_header, "Training seeds"]
         rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
         for entry in table.rows:
             theirs = paper_entry(paper[name], entry.paper)
@@ -86,16 +88,17 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
             low, high = ours.get("fid_low"), ours.get("fid_high")
             cells += ["—" if low is None else f"[{low:.2f}, {high:.2f}]"]
             cells += [_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")]
+            cells += [_fmt(ours.get("clip_score"), 2, ours.get("clip_score_spread"))] if clip_header else []
             cells += [str(ours.get("seeds", "—")) if entry.row else "—"]
             rows.append(settings + cells)
         tables[name] = rows
     return tables
 
 
-def peers_table(metrics: dict[str, dict], training: dict[str, dict]) -> list[list[str]]:
+def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_alignment: bool = False) -> list[list[str]]:
     """SP beside the other perceptual objectives, one row per peer (experiments.PEERS): the same
     sampling row settings, the evaluation of Table 1, and the cost its training stage measured."""
-    rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment",
+    rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment", "CLIP score",
              "s/step (this run)", "Peak memory MiB (this run)"]]  # fmt: skip
     for peer in PEERS:
         ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
@@ -104,6 +107,7 @@ def peers_table(metrics: dict[str, dict], training: dict[str, dict]) -> list[lis
             peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
             "—" if low is None else f"[{low:.2f}, {high:.2f}]", _fmt(ours.get("is"), 2, ours.get("is_spread")),
             *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
+            _fmt(ours.get("clip_score", ours.get("alignment") if clip_is_alignment else None), 2),
             _fmt(cost.get("seconds_per_step"), 3), _fmt(cost.get("peak_memory_mib"), 0),
         ])  # fmt: skip
     return rows
@@ -121,8 +125,23 @@ PEERS_NOTE = (
 )
 
 
+def aesthetic_section(stats: dict) -> tuple[list[list[str]], str]:
+    """The aesthetic threshold re-applied to the measured scores of the downloaded images."""
+    rows = [["Downloaded samples", "Threshold", "Removed by the measured score", "Corpus score, mean", "Measured score, mean",
+             "Correlation of the two"]]  # fmt: skip
+    rows.append([str(stats["samples"]), f"{stats['threshold']:g}", f"{stats['removed']} ({stats['removed'] / max(stats['samples'], 1):.1%})",
+                 _fmt(stats.get("corpus_mean")), _fmt(stats.get("measured_mean")), _fmt(stats.get("correlation"), 3)])  # fmt: skip
+    note = ("Every downloaded image passed the filter on the score in the corpus metadata. clip-retrieval embedded each one "
+            "(stage clip_embed), the LAION aesthetic predictor scored the embedding anew (stage aesthetic), and the filter's "
+            "threshold was applied to that score: the images it would remove, and how far the two scores agree. At the small "
+            "scales CLIP and predictor are tiny ones trained on the corpus (stages clip and aesthetic_train).")
+    return rows, note
+
+
 ALIGNMENT = {  # what the Alignment column measures, with and without evaluate.clip
-    False: "Alignment: the fraction of samples whose caption's shape and colour the evaluation classifier recognises (0-1).",
+    False: "Alignment: the fraction of samples whose caption's shape and colour the evaluation classifier recognises (0-1); "
+    "CLIP score: 100 times the cosine of the image's and the caption's embeddings by the data stages' CLIP (the tiny one "
+    "trained on the corpus here), the CLIP clip-retrieval embedded the training set with.",
     True: "Alignment: CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings (0-100).",
 }
 
@@ -241,7 +260,8 @@ def run(args, config, scale, out) -> None:
     metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     tables = build_tables(metrics, paper, real_is)
-    peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training})
+    peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training},
+                        clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model)
     margins = config.report.equivalence_margins
     evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap, margins.model_dump())
     judged = judge(evidence)
@@ -280,6 +300,10 @@ def run(args, config, scale, out) -> None:
         title, note = TABLES[name].title, TABLES[name].note
         md.append(f"## {title}\n\n{markdown_table(rows)}\n" + (f"\n{note}\n" if note else ""))
         page.append(f"<h2>{html.escape(title)}</h2>{html_table(rows)}" + (f"<p>{html.escape(note)}</p>" if note else ""))
+    if args.aesthetic:
+        data_rows, data_note = aesthetic_section(read_json(args.aesthetic / "stats.json"))
+        md.append(f"## Data: the aesthetic filter, measured again\n\n{markdown_table(data_rows)}\n\n{data_note}\n")
+        page.append(f"<h2>Data: the aesthetic filter, measured again</h2>{html_table(data_rows)}<p>{html.escape(data_note)}</p>")
     md.append(f"## Peers: SP beside LPL and Cas-DM\n\n{markdown_table(peers)}\n\n{PEERS_NOTE}\n")
     page.append(f"<h2>Peers: SP beside LPL and Cas-DM</h2>{html_table(peers)}<p>{html.escape(PEERS_NOTE)}</p>")
     for file_name, title, legend in shown:
