@@ -90,11 +90,11 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     assert "Nothing to be done" in again.stdout + again.stderr
 
 
-# Each kind of stage, and the figures, which need the unconditional models too. Every stage of the
-# DAG is in dvc.yaml as Snakemake runs it (test_dag.py), and the rehearsal run above ends with a
-# clean `dvc status` over all of them; running the other 48 smoke stages here would add 12 minutes
-# of CPU to `make test` for no other code path.
-DVC_TARGETS = ("figures", "evaluate_sp_s25")
+# Each kind of stage, and the figures, which need the unconditional models too, and the data stages
+# (clip-retrieval, the tiny CLIP and predictor). Every stage of the DAG is in dvc.yaml as Snakemake
+# runs it (test_dag.py), and the rehearsal run above ends with a clean `dvc status` over all of them;
+# running the other smoke stages here would add minutes of CPU to `make test` for no other code path.
+DVC_TARGETS = ("figures", "evaluate_sp_s25", "aesthetic")
 
 
 def test_dvc_exp_run_runs_each_kind_of_smoke_stage(tmp_path):

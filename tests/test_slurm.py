@@ -80,11 +80,12 @@ def _stop_training_with_sigterm(snakemake, copy, env) -> str:
     return job["JobId"]
 
 
-# Every stage command but the report, SP training included: the whole DAG runs through Snakemake
+# Every stage command of the training path, SP training included: the whole DAG runs through Snakemake
 # at the rehearsal scale, and each kind of stage through DVC at the smoke scale (test_pipeline.py);
-# here each kind of job goes through sbatch once.
+# here each of these kinds of job goes through sbatch once (the data stages after clip run on CPUs
+# like download, which does).
 TARGET = "evaluate_sp_s25"
-TARGET_STAGES = {"corpus", "filter", "download", "base", "featnet", "encode", "train_mse", "freeze", "train_sp", "sample_sp_s25", TARGET}
+TARGET_STAGES = {"corpus", "filter", "download", "clip", "base", "featnet", "encode", "train_mse", "freeze", "train_sp", "sample_sp_s25", TARGET}
 
 
 def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
