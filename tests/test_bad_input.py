@@ -68,7 +68,7 @@ def test_a_duplicate_key_is_refused_with_its_line(params_copy):
 
 
 def test_an_exponent_without_a_dot_says_how_to_write_it(params_copy):
-    _edit(params_copy, "learning_rate: 1.0e-3}", "learning_rate: 1e-3}")
+    _edit(params_copy, "condition_dropout: 0.1, learning_rate: 1.0e-3}", "condition_dropout: 0.1, learning_rate: 1e-3}")
     with pytest.raises(ParamsError, match=r"smoke\.train\.mse\.learning_rate: '1e-3' is a string to YAML; write it with a dot"):
         load_params(params_copy, "smoke")
 
