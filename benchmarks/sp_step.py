@@ -58,14 +58,15 @@ def build_peer_parts(shape: str, folder: Path):
     from diffusers import AutoencoderKL
 
     from selfperceptual.casdm import BackboneLPIPS, FeatnetLPIPS
-    from selfperceptual.data.corpus import NUM_CLASSES
-    from selfperceptual.evaluation import TinyFeatureNet
     from selfperceptual.models import SD21_BASE_VAE, build_vae
     from selfperceptual.rehearsal import write_vgg_weights
 
     if shape == "sd21":
         write_vgg_weights(folder / "vgg16.pth", seed=0)
         return AutoencoderKL(**SD21_BASE_VAE), BackboneLPIPS("vgg", folder / "vgg16.pth")
+    from selfperceptual.data.corpus import NUM_CLASSES
+    from selfperceptual.evaluation import TinyFeatureNet
+
     config = local_config()
     vae = build_vae(config.base.vae, config.download.resolution, seed=0)
     return vae, FeatnetLPIPS(TinyFeatureNet(NUM_CLASSES, config.featnet.feature_dim))
@@ -86,12 +87,12 @@ class NaiveSelfPerceptual:
 
     def __call__(self, denoiser, x0, context, generator=None):
         s = self.schedule
-        eps = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
-        t = s.sample_timesteps(len(x0), generator, x0.device)
+        eps = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)  # drawn on the CPU, as ours
+        t = s.sample_timesteps(len(x0), generator).to(x0.device)
         x_t = s.add_noise(x0, eps, t)
         v_hat = denoiser(x_t, t, context)
         x0_hat, eps_hat = s.x0_from_v(x_t, v_hat, t), s.eps_from_v(x_t, v_hat, t)
-        t_prime = s.sample_timesteps(len(x0), generator, x0.device)
+        t_prime = s.sample_timesteps(len(x0), generator).to(x0.device)
         real = self._feature(s.add_noise(x0, eps, t_prime), t_prime, context)
         predicted = self._feature(s.add_noise(x0_hat, eps_hat, t_prime), t_prime, context)
         return ((predicted.float() - real.float()) ** 2).flatten(1).mean(1), {"t": t}
@@ -126,9 +127,9 @@ def measure(variant: str, args) -> dict:
         "casdm": lambda: CascadeLoss(schedule, vae, metric.to(device, dtype)),
     }[variant]()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
-    generator = torch.Generator(device).manual_seed(0)
-    x0 = torch.randn(args.batch, 4, latent, latent, generator=generator, device=device, dtype=dtype)
-    context = torch.randn(args.batch, length, width, generator=generator, device=device, dtype=dtype)
+    generator = torch.Generator().manual_seed(0)  # every variant draws its noise on the CPU, as training does
+    x0 = torch.randn(args.batch, 4, latent, latent, generator=generator, dtype=dtype).to(device)
+    context = torch.randn(args.batch, length, width, generator=generator, dtype=dtype).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     times = []
