@@ -53,10 +53,6 @@ class CascadedUNet(nn.Module):
         super().__init__()
         self.unet, self.x0_unet, self.schedule = unet, x0_unet, schedule
 
-    @property
-    def config(self):
-        return self.unet.config  # module one's: what the data and the pipeline are checked against
-
     def forward(self, x_t: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         v_hat = self.unet(x_t, t, encoder_hidden_states=context, return_dict=False)[0]
         x0_hat = self.schedule.x0_from_v(x_t, v_hat.detach(), t)  # the gradient stops between the modules

@@ -35,6 +35,12 @@ def _fmt(value, digits=2, spread=None) -> str:
     return f"{value:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
 
 
+def _fid_interval(ours: dict) -> str:
+    """A row's 95% bootstrap interval of FID over its images (the first training seed's)."""
+    low, high = ours.get("fid_low"), ours.get("fid_high")
+    return "—" if low is None else f"[{low:.2f}, {high:.2f}]"
+
+
 SEED_METRICS = ("fid", "is", "precision", "recall", "alignment", "clip_score")
 
 
@@ -85,8 +91,7 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
             if released:
                 checkpoint = metrics.get(f"authors_{entry.row}", {}) if entry.row else {}
                 cells += [_fmt(checkpoint.get("fid")), _fmt(checkpoint.get("is"))]
-            low, high = ours.get("fid_low"), ours.get("fid_high")
-            cells += ["—" if low is None else f"[{low:.2f}, {high:.2f}]"]
+            cells += [_fid_interval(ours)]
             cells += [_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")]
             cells += [_fmt(ours.get("clip_score"), 2, ours.get("clip_score_spread"))] if clip_header else []
             cells += [str(ours.get("seeds", "—")) if entry.row else "—"]
@@ -102,10 +107,9 @@ def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_ali
              "s/step (this run)", "Peak memory MiB (this run)"]]  # fmt: skip
     for peer in PEERS:
         ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
-        low, high = ours.get("fid_low"), ours.get("fid_high")
         rows.append([
             peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
-            "—" if low is None else f"[{low:.2f}, {high:.2f}]", _fmt(ours.get("is"), 2, ours.get("is_spread")),
+            _fid_interval(ours), _fmt(ours.get("is"), 2, ours.get("is_spread")),
             *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
             _fmt(ours.get("clip_score", ours.get("alignment") if clip_is_alignment else None), 2),
             _fmt(cost.get("seconds_per_step"), 3), _fmt(cost.get("peak_memory_mib"), 0),
