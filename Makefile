@@ -25,12 +25,16 @@ $(STAMP): requirements.lock pyproject.toml
 setup: $(STAMP)
 
 # clip-retrieval's own environment (it pins numpy<2, pyarrow<16, webdataset<0.3 and open_clip<3, and
-# imports setuptools' pkg_resources), from its own lock. The clip_embed stage runs `make clip-env`
-# the first time it needs it; the same torch build as .venv comes from pip's cache.
-$(CLIP_STAMP): requirements-clip.lock
-	test -x $(CLIP_VENV)/bin/python || python3 -m venv $(CLIP_VENV)
+# imports setuptools' pkg_resources), from its own lock, with .venv's torch build linked in rather than
+# installed twice (src/selfperceptual/clipenv.py). The clip_embed stage runs `make clip-env` the first
+# time it needs it.
+$(CLIP_STAMP): requirements-clip.lock $(STAMP)
+	rm -rf $(CLIP_VENV)
+	python3 -m venv $(CLIP_VENV)
+	$(PYTHON) -m selfperceptual.clipenv $(CLIP_VENV)
 	$(CLIP_VENV)/bin/python -m pip install --quiet --upgrade pip
-	$(CLIP_VENV)/bin/python -m pip install --quiet -r requirements-clip.lock
+	$(CLIP_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-clip.lock
+	$(CLIP_VENV)/bin/python -m pip check
 	touch $@
 
 clip-env: $(CLIP_STAMP)

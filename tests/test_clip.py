@@ -1,6 +1,8 @@
 """The data stages' CLIP and aesthetic predictor: OpenAI's tokenizer as clip-retrieval uses it, a tiny
 CLIP that learns the corpus, and the LAION predictor's architecture and weights format."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -97,3 +99,23 @@ def test_clip_retrieval_embeds_every_download_with_our_clip_and_the_filter_is_me
     stats = read_json(tmp_path / "aesthetic" / "stats.json")
     assert stats["samples"] == len(samples) and stats["kept"] + stats["removed"] == len(samples)
     assert stats["corpus_mean"] > stats["threshold"]  # every download passed the filter on the corpus score
+
+
+def test_the_clip_environment_links_venvs_torch_build_and_refuses_a_different_one(tmp_path):
+    import sys
+
+    from selfperceptual.clipenv import link_torch
+
+    site = tmp_path / "env" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
+    site.mkdir(parents=True)
+    names = link_torch(tmp_path / "env")
+    assert "torch" in names and any(name.startswith("torchvision-") for name in names)
+    assert (site / "torch").resolve() == Path(torch.__file__).resolve().parent
+    assert not (site / "numpy").exists()  # only the torch stack: clip-retrieval's numpy is its own
+    assert link_torch(tmp_path / "env") == names  # a second run changes nothing
+    (site / "torchvision").unlink()
+    (site / "torchvision").mkdir()  # another torchvision installed there
+    with pytest.raises(SystemExit, match="torchvision exists and is not .venv's"):
+        link_torch(tmp_path / "env")
+    with pytest.raises(SystemExit, match="same Python"):
+        link_torch(tmp_path / "elsewhere")
