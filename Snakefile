@@ -71,7 +71,9 @@ onsuccess:
     # params.yaml names; a run of another scale (--config scale=...) is left unrecorded.
     done = [stage.name for stage in STAGES if os.path.isdir(at_scale(stage.out))]
     if DVC_SCALE == SCALE and DVC_CURRENT and done and os.path.isdir(".dvc"):
-        shell("dvc commit --force --quiet " + " ".join(done))
+        # Every stage: one commit of the whole dvc.yaml, which DVC parses once (naming 121 stages
+        # makes it parse dvc.yaml, dvc.lock and params.yaml again for each: 2.6 times slower).
+        shell("dvc commit --force --quiet" + ("" if len(done) == len(STAGES) else " " + " ".join(done)))
     elif DVC_SCALE != SCALE:
         print(f"Not recorded in dvc.lock: params.yaml's scale is {DVC_SCALE!r}, this run's is {SCALE!r}.")
     elif not DVC_CURRENT:
