@@ -119,3 +119,14 @@ def test_the_clip_environment_links_venvs_torch_build_and_refuses_a_different_on
         link_torch(tmp_path / "env")
     with pytest.raises(SystemExit, match="same Python"):
         link_torch(tmp_path / "elsewhere")
+
+
+def test_clip_embed_names_how_to_make_an_environment_it_is_pointed_at(tmp_path, monkeypatch):
+    from selfperceptual.stages.clip_embed import CLIP_ENV_VARIABLE, clip_retrieval
+
+    monkeypatch.setenv(CLIP_ENV_VARIABLE, str(tmp_path / "env"))
+    with pytest.raises(SystemExit, match=f"make clip-env CLIP_VENV={tmp_path / 'env'}"):
+        clip_retrieval()
+    (tmp_path / "env").mkdir()
+    (tmp_path / "env" / ".installed").touch()
+    assert clip_retrieval() == tmp_path / "env" / "bin" / "clip-retrieval"

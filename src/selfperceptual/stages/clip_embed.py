@@ -1,8 +1,8 @@
 """clip_embed: clip-retrieval's ``inference`` over the downloaded webdataset shards: the CLIP image
 and text embedding of every training sample, with its metadata, in clip-retrieval's own layout
 (``embeddings/img_emb/``, ``text_emb/``, ``metadata/``). clip-retrieval cannot share the pipeline's
-environment (README, "clip-retrieval"); it runs from its own, ``.venv-clip``, which the first run of
-this stage creates with ``make clip-env`` when it is missing. The CLIP is ``clip.model`` (a Hugging
+environment (README, "clip-retrieval"); it runs from its own, ``.venv-clip``, which this stage brings
+up to date with ``make clip-env`` (made when missing, made again when its lock changed). The CLIP is ``clip.model`` (a Hugging
 Face folder or cached hub id), or the clip stage's tiny one (``--clip``), loaded as ``hf_clip:``.
 """
 
@@ -32,16 +32,22 @@ def add_arguments(parser) -> None:
 
 
 def clip_retrieval() -> Path:
-    """clip-retrieval's command in its own environment, which is made first if it is missing."""
-    env = Path(os.environ.get(CLIP_ENV_VARIABLE, REPO / ".venv-clip"))
-    if not (env / ".installed").is_file():
-        if CLIP_ENV_VARIABLE in os.environ:
-            raise SystemExit(f"clip_embed: {CLIP_ENV_VARIABLE}={env} has no finished environment (.installed); make it with `make clip-env`")
-        with open(REPO / ".venv-clip.lock", "w") as lock:  # two jobs at once: one makes it, the other waits
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            if not (env / ".installed").is_file():
-                log.info("clip_embed: creating clip-retrieval's environment %s (once; a few minutes)", env)
-                subprocess.run(["make", "--no-print-directory", "-C", str(REPO), "clip-env"], check=True)
+    """clip-retrieval's command in its own environment, which ``make clip-env`` brings up to date
+    first: it is made when missing, and made again when its lock or .venv changed (its torch is
+    .venv's, linked in)."""
+    if CLIP_ENV_VARIABLE in os.environ:
+        env = Path(os.environ[CLIP_ENV_VARIABLE])
+        if not (env / ".installed").is_file():
+            raise SystemExit(f"clip_embed: {CLIP_ENV_VARIABLE}={env} has no finished environment (.installed); "
+                             f"make it with `make clip-env CLIP_VENV={env}`")
+        return env / "bin" / "clip-retrieval"
+    env = REPO / ".venv-clip"
+    with open(REPO / ".venv-clip.lock", "w") as lock:  # two jobs at once: one makes it, the other waits
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        make = ["make", "--no-print-directory", "-C", str(REPO), "clip-env"]
+        if subprocess.run([*make, "--question"], check=False, capture_output=True).returncode != 0:
+            log.info("clip_embed: making clip-retrieval's environment %s (about a minute)", env)
+            subprocess.run(make, check=True)
     return env / "bin" / "clip-retrieval"
 
 
