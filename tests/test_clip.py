@@ -1,6 +1,7 @@
 """The data stages' CLIP and aesthetic predictor: OpenAI's tokenizer as clip-retrieval uses it, a tiny
 CLIP that learns the corpus, and the LAION predictor's architecture and weights format."""
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,8 +103,6 @@ def test_clip_retrieval_embeds_every_download_with_our_clip_and_the_filter_is_me
 
 
 def test_the_clip_environment_links_venvs_torch_build_and_refuses_a_different_one(tmp_path):
-    import sys
-
     from selfperceptual.clipenv import link_torch
 
     site = tmp_path / "env" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
