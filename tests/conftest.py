@@ -2,9 +2,18 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import shutil
 from pathlib import Path
 from types import SimpleNamespace
+
+# A thread per core, shared among the workers: `make test` runs two pytest-xdist workers, and every
+# process a test starts (a stage, a pipeline's jobs) inherits this. Left alone, each process takes a
+# thread per core, and on two cores four busy threads fight: the tests outside the three end-to-end
+# runs took 580 s of wall time and 1092 s of CPU that way, 468 s and 848 s with one thread each.
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _WORKERS)))
 
 import pytest
 import torch
@@ -79,13 +88,44 @@ def run_stage(stage: str, out, *arguments, scale: str = "smoke", params=REPO / "
     assert code == 0, f"{stage} exited with {code}"
 
 
+def made_once(tmp_path_factory, name: str, make) -> Path:
+    """A folder ``make(folder)`` fills, made once for the whole session, by whichever pytest-xdist
+    worker asks first (the others wait for it and share it; the tests that use one never write in
+    it). Each worker's base temp dir lies in the session's, which is where the folder goes."""
+    root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:
+        root = root.parent
+    folder = root / name
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (folder / ".made").is_file():
+            shutil.rmtree(folder, ignore_errors=True)  # a worker that failed halfway
+            folder.mkdir()
+            make(folder)
+            (folder / ".made").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def smoke_stages(tmp_path_factory):
     """The smoke scale's stages up to the cached latents, run once for the tests that need them."""
-    runs = tmp_path_factory.mktemp("smoke_runs")
+    return made_once(tmp_path_factory, "smoke_runs", _smoke_stages)
+
+
+@pytest.fixture(scope="session")
+def rehearsal_inputs(tmp_path_factory):
+    """A small set of the rehearsal scale's inputs (LAION and COCO files, SD 2.1's layout, Inception)."""
+    from selfperceptual.rehearsal import write_inputs
+
+    def make(folder):
+        write_inputs(folder / "data", "http://127.0.0.1:9", num_laion_rows=60, num_coco_images=8)
+
+    return made_once(tmp_path_factory, "rehearsal_inputs", make) / "data"
+
+
+def _smoke_stages(runs: Path) -> None:
     run_stage("corpus", runs / "corpus")
     run_stage("filter", runs / "filter", "--corpus", runs / "corpus")
     run_stage("download", runs / "download", "--filtered", runs / "filter", "--corpus", runs / "corpus")
     run_stage("base", runs / "base", "--images", runs / "download")
     run_stage("encode", runs / "encode", "--images", runs / "download", "--base", runs / "base")
-    return runs

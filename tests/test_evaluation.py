@@ -70,13 +70,11 @@ def test_reference_images_are_distinct_and_centre_cropped_not_squashed(tmp_path)
     assert (corners[:, 2] > 200).all() and (corners[:, 0] < 50).all()  # blue to the edges: no squashed red
 
 
-@pytest.fixture(scope="module")
-def inception_weights(tmp_path_factory):
-    from selfperceptual.rehearsal import INCEPTION_FILE, write_inception_weights
+@pytest.fixture
+def inception_weights(rehearsal_inputs):
+    from selfperceptual.rehearsal import INCEPTION_FILE
 
-    path = tmp_path_factory.mktemp("inception") / INCEPTION_FILE
-    write_inception_weights(path, seed=0)
-    return path
+    return rehearsal_inputs / "inception" / INCEPTION_FILE
 
 
 def test_inception_from_a_local_weights_file_gives_informative_features(inception_weights, tmp_path):

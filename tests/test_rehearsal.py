@@ -7,14 +7,12 @@ import pytest
 import torch
 
 from selfperceptual.data.corpus import LAION_COLUMNS
-from selfperceptual.rehearsal import INCEPTION_FILE, write_inputs
+from selfperceptual.rehearsal import INCEPTION_FILE
 
 
-@pytest.fixture(scope="module")
-def inputs(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("rehearsal") / "data"
-    write_inputs(folder, "http://127.0.0.1:9", num_laion_rows=60, num_coco_images=8)
-    return folder
+@pytest.fixture
+def inputs(rehearsal_inputs):
+    return rehearsal_inputs
 
 
 def test_laion_metadata_has_the_laion_aesthetics_columns_and_http_urls(inputs):
