@@ -127,11 +127,12 @@ def _hub_cache(cache: Path, repo_id: str, folder: Path) -> None:
     (model / "refs" / "main").write_text("0" * 40)
 
 
-def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path):
+def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path, rehearsal_inputs):
     """The rehearsal's inputs, in the real formats, where the paper block looks for its own: local
     paths for the data and Inception's weights, the Hugging Face cache for the hub models."""
     copy = copy_repository(tmp_path)
-    run([sys.executable, "-m", "selfperceptual.rehearsal", "data/rehearsal"], copy)
+    (copy / "data").mkdir(exist_ok=True)
+    (copy / "data" / "rehearsal").symlink_to(rehearsal_inputs)  # what `python -m selfperceptual.rehearsal data/rehearsal` writes
     paper, rehearsal = (load_params(copy / "params.yaml", scale)[1] for scale in ("paper", "rehearsal"))
     for key in ("laion_parquet", "coco_captions", "coco_images"):
         (copy / getattr(paper.corpus, key)).parent.mkdir(parents=True, exist_ok=True)
