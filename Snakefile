@@ -12,7 +12,7 @@ import yaml
 from snakemake.exceptions import WorkflowError
 
 from selfperceptual import tracking
-from selfperceptual.cluster import CLUSTER_FILE, TRAIN_RETRIES, ClusterSettingsError, cluster_settings, read_cluster_file, rule_resources
+from selfperceptual.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
 from selfperceptual.config import ParamsError, load_params
 from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
 from selfperceptual.experiments import RELEASED_ROWS
@@ -23,6 +23,13 @@ try:
     SCALE, CONFIG = load_params(PARAMS_FILE, config.get("scale"))
     # Partition, account and GPU type: `cluster:` of the Snakemake config, else the user's cluster.yaml.
     CLUSTER = cluster_settings(config.get("cluster") or read_cluster_file(CLUSTER_FILE))
+    STAGES = build_stages(CONFIG)
+    # What each job asks the cluster for, and how often a stage is submitted again: a training stage
+    # longer than the cluster's max_runtime is a chain of jobs, plus retries for failures. Only the
+    # main process resubmits: the job that SLURM stops ahead of its limit must end, not restart
+    # inside its own allocation (which has no time left).
+    RESOURCES = {stage.command: rule_resources(CONFIG.resources.of(stage.command), CLUSTER, stage.command) for stage in STAGES}
+    RETRIES = {stage.command: retries(CONFIG.resources.of(stage.command), CLUSTER, stage.command) if workflow.is_main_process else 0 for stage in STAGES}
 except (ParamsError, ClusterSettingsError) as error:
     raise WorkflowError(str(error))
 MISSING = missing_external_inputs(CONFIG)
@@ -31,7 +38,6 @@ if MISSING:
 
 # One id for every MLflow run of this execution (jobs on a cluster inherit it).
 os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]}")
-STAGES = build_stages(CONFIG)
 
 # What ran is recorded with DVC when dvc.yaml describes this run: the scale params.yaml names, and
 # the DAG its settings give now (train.seeds and the num_jobs settings change the stages).

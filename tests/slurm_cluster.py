@@ -1,7 +1,10 @@
-"""A real one-node SLURM cluster on localhost for the tests: Debian's slurm-wlm and munge.
+"""A real SLURM cluster on localhost for the tests, shaped like a GPU cluster: Debian's slurm-wlm and munge.
 
-``one_node_cluster(folder)`` installs the packages if they are missing (apt-get, as root), starts
-munged, slurmctld and slurmd with every file of theirs under ``folder`` and private ports (but the
+Two nodes of 64 CPUs, about 1 TB and 8 GPUs each (SLURM is told to trust that configuration; the GPUs
+are device files standing for /dev/nvidia*), and partitions debug (the default), work and gpu, the
+last with a 48-hour limit. ``gpu_cluster(folder)`` installs the packages if they are missing
+(apt-get, as root), starts munged, slurmctld and one slurmd per node with every file of theirs under
+``folder`` and private ports (but the
 sockets, in a short-named folder under /tmp: a Unix socket path has at most 108 bytes, and slurmd's
 job sockets under a pytest folder reach it at job 10), yields the environment that points SLURM's
 commands at it (``SLURM_CONF``), and stops the daemons after.
@@ -57,19 +60,32 @@ def _daemon(name: str) -> str:
     return shutil.which(name) or f"/usr/sbin/{name}"
 
 
-def slurm_conf(folder: Path, sockets: Path, cpus: int, memory_mb: int) -> str:
-    """The verified recipe of shared/DESIGN.md, with every path and port private to ``folder``, and
-    munged's and slurmd's sockets under ``sockets``."""
-    ctld_port, node_port = _free_ports(2)
+# Nodes shaped like a cluster's GPU nodes (an 8-GPU server: 64 cores, about 1 TB): SLURM trusts the
+# configured hardware (config_overrides), and its GPUs are files that stand for /dev/nvidia0-7.
+GPU_NODE = {"cpus": 64, "memory_mb": 1_000_000, "gpus": 8}
+NODES = ("node1", "node2")  # two, so that a two-node training job can be judged and placed
+PARTITION_MAX_TIME = "48:00:00"  # the "gpu" partition's limit, as on many clusters
+
+
+def slurm_conf(folder: Path, sockets: Path) -> str:
+    """The verified recipe of shared/DESIGN.md: two GPU nodes on loopback, each its own slurmd on its
+    own port, with every path private to ``folder`` and munged's and slurmd's sockets under ``sockets``."""
+    ctld_port, *node_ports = _free_ports(1 + len(NODES))
     (folder / "state").mkdir(exist_ok=True)
-    (sockets / "spool").mkdir(exist_ok=True)
+    for node in NODES:
+        (sockets / "spool" / node).mkdir(parents=True, exist_ok=True)
+    devices = sockets / "dev"
+    devices.mkdir(exist_ok=True)
+    for index in range(GPU_NODE["gpus"]):
+        (devices / f"nvidia{index}").symlink_to("/dev/null")
+    (folder / "gres.conf").write_text(f"NodeName={','.join(NODES)} Name=gpu Count={GPU_NODE['gpus']} File={devices}/nvidia[0-{GPU_NODE['gpus'] - 1}]\n")
+    nodes = " ".join(NODES)
     return "\n".join(
         [
             "ClusterName=sptest",
             "SlurmctldHost=localhost",
             "SlurmUser=root",
             f"SlurmctldPort={ctld_port}",
-            f"SlurmdPort={node_port}",
             f"AuthInfo=socket={sockets / 'munge.socket'}",
             "ProctrackType=proctrack/linuxproc",
             "TaskPlugin=task/none",
@@ -79,40 +95,39 @@ def slurm_conf(folder: Path, sockets: Path, cpus: int, memory_mb: int) -> str:
             "JobAcctGatherType=jobacct_gather/none",
             "MpiDefault=none",
             "ReturnToService=2",
+            "SlurmdParameters=config_overrides",  # trust the nodes' configured CPUs, memory and GPUs
+            "GresTypes=gpu",
+            "EnforcePartLimits=ALL",  # a request over a partition's limits is refused at submission, as on real clusters
             # Finished jobs stay on record for a day: the tests read them back, and the SLURM executor
             # follows jobs with squeue only when records outlive its status checks (else it tries sacct,
             # which this cluster, keeping no accounting, cannot answer). 0 would read as 2 s here.
             "MinJobAge=86400",
             "SchedulerParameters=sched_interval=1",
             f"StateSaveLocation={folder / 'state'}",
-            f"SlurmdSpoolDir={sockets / 'spool'}",
+            f"SlurmdSpoolDir={sockets / 'spool'}/%n",
             f"SlurmctldPidFile={folder / 'slurmctld.pid'}",
-            f"SlurmdPidFile={folder / 'slurmd.pid'}",
+            f"SlurmdPidFile={folder / 'slurmd-%n.pid'}",
             f"SlurmctldLogFile={folder / 'slurmctld.log'}",
-            f"SlurmdLogFile={folder / 'slurmd.log'}",
-            f"NodeName=localhost NodeAddr=127.0.0.1 CPUs={cpus} RealMemory={memory_mb} State=UNKNOWN",
-            "PartitionName=debug Nodes=localhost Default=YES MaxTime=INFINITE State=UP",
-            "PartitionName=work Nodes=localhost Default=NO MaxTime=INFINITE State=UP",  # what a user's cluster.yaml names
+            f"SlurmdLogFile={folder / 'slurmd-%n.log'}",
+            *(f"NodeName={name} NodeAddr=127.0.0.1 Port={port} CPUs={GPU_NODE['cpus']} RealMemory={GPU_NODE['memory_mb']} "
+              f"Gres=gpu:{GPU_NODE['gpus']} State=UNKNOWN" for name, port in zip(NODES, node_ports)),
+            f"PartitionName=debug Nodes={','.join(NODES)} Default=YES MaxTime=INFINITE State=UP",
+            f"PartitionName=work Nodes={','.join(NODES)} Default=NO MaxTime=INFINITE State=UP",  # what a user's cluster.yaml names
+            f"PartitionName=gpu Nodes={','.join(NODES)} Default=NO MaxTime={PARTITION_MAX_TIME} State=UP",
             "",
         ]
     )
 
 
-def _memory_mb() -> int:
-    with open("/proc/meminfo") as handle:
-        total_kb = int(next(line for line in handle if line.startswith("MemTotal")).split()[1])
-    return int(total_kb / 1024 * 0.8)
-
-
 @contextlib.contextmanager
-def one_node_cluster(folder: Path):
+def gpu_cluster(folder: Path):
     """Yields the environment (SLURM_CONF and the rest of os.environ) of a running cluster."""
     ensure_installed()
     folder.mkdir(parents=True, exist_ok=True)
     sockets = Path(tempfile.mkdtemp(prefix="slurm-", dir="/tmp"))
     munge_socket = sockets / "munge.socket"
     conf = folder / "slurm.conf"
-    conf.write_text(slurm_conf(folder, sockets, os.cpu_count() or 1, _memory_mb()))
+    conf.write_text(slurm_conf(folder, sockets))
     env = {**os.environ, "SLURM_CONF": str(conf)}
     processes = []
     munged = [
@@ -126,8 +141,9 @@ def one_node_cluster(folder: Path):
         stack.enter_context(_default_conf_linked_to(conf))
         subprocess.run(munged, check=True, capture_output=True, text=True)
         stack.callback(subprocess.run, [_daemon("munged"), "--stop", f"--socket={munge_socket}"], capture_output=True, check=False)
-        for command in ([_daemon("slurmctld"), "-D", "-i", "-f", str(conf)], [_daemon("slurmd"), "-D", "-N", "localhost", "-f", str(conf)]):
-            log = stack.enter_context(open(folder / f"{Path(command[0]).name}.out", "w"))
+        daemons = [[_daemon("slurmctld"), "-D", "-i", "-f", str(conf)], *([_daemon("slurmd"), "-D", "-N", node, "-f", str(conf)] for node in NODES)]
+        for command in daemons:
+            log = stack.enter_context(open(folder / f"{Path(command[0]).name}-{command[-3]}.out", "w"))
             processes.append(subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT))
         stack.callback(_stop, processes)
         _wait_until_idle(env, folder)

@@ -23,3 +23,17 @@ def test_training_memory_does_not_grow_with_the_data(repo):
     assert re.search(r"^ 20x  samples    4000 ", printed, re.MULTILINE)
     ratio = float(re.search(r"^rss_ratio=([\d.]+)$", printed, re.MULTILINE).group(1))
     assert ratio <= 1.1, printed
+
+
+def test_train_throughput_benchmark_times_the_training_loop_per_objective(repo):
+    """benchmarks/train_throughput.py at the smoke shape: a row per objective from the real loop, FLOPs
+    counted on each objective's own step (SP's frozen network and the peers' decoders cost more than MSE)."""
+    command = [sys.executable, "benchmarks/train_throughput.py", "--warmup", "1", "--steps", "2", "--samples", "64", "--peak-tflops", "1"]
+    printed = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout
+    rows = {m[0]: m[1:] for m in re.findall(r"^(mse|sp|lpl|casdm)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%$", printed, re.MULTILINE)}
+    assert set(rows) == {"mse", "sp", "lpl", "casdm"}, printed
+    images_per_s, flops = {name: float(row[0]) for name, row in rows.items()}, {name: float(row[1]) for name, row in rows.items()}
+    assert all(value > 0 for value in images_per_s.values())
+    assert flops["mse"] < flops["sp"] < flops["casdm"] and flops["mse"] <= flops["lpl"]  # LPL decodes only the samples below its t threshold
+    assert all(0 <= float(row[4]) <= 100 for row in rows.values())  # the share of loop time spent waiting for data
+    assert re.search(r"^time per image over MSE's: mse/mse 1\.00  sp/mse [\d.]+  lpl/mse [\d.]+  casdm/mse [\d.]+$", printed, re.MULTILINE)

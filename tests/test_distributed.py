@@ -1,9 +1,12 @@
 """Training on several processes: the launch command, the batch plan, and the same result for any split."""
 
+import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -53,11 +56,11 @@ def test_launch_command_uses_every_allocated_gpu_on_every_node():
     assert command[-len(argv) - 2 :] == ["-m", "selfperceptual", *argv]
     assert launch_command(argv, 1, {}) is None and launch_command(argv, 0, {}) is None
     assert launch_command(argv, 8, {"LOCAL_RANK": "0"}) is None  # already one of the launched processes
-    slurm = {"SLURM_NNODES": "2", "SLURM_NODEID": "1", "SLURM_JOB_NODELIST": "gpu17,gpu18", "SLURM_JOB_ID": "4242"}
+    slurm = {"SLURM_JOB_NUM_NODES": "2", "SLURM_JOB_NODELIST": "gpu17,gpu18", "SLURM_JOB_ID": "4242"}  # a batch script's
     per_node = launch_command(argv, 8, slurm)  # the job's one task: one task per node through srun
     assert per_node[0] == "srun" and "--nodes=2" in per_node and "--ntasks-per-node=1" in per_node
-    assert f"--export=ALL,{NODE_LAUNCHER_ENV}=1" in per_node and per_node[-len(argv) :] == argv
-    node = launch_command(argv, 8, {**slurm, NODE_LAUNCHER_ENV: "1"})  # that task, on the second node
+    assert f"--export=ALL,{NODE_LAUNCHER_ENV}=2:gpu17" in per_node and per_node[-len(argv) :] == argv
+    node = launch_command(argv, 8, {"SLURM_JOB_ID": "4242", "SLURM_NODEID": "1", NODE_LAUNCHER_ENV: "2:gpu17"})  # that task, on the second node
     for flag in ("--nnodes=2", "--node-rank=1", "--master-addr=gpu17", "--master-port=24242", "--nproc-per-node=8"):
         assert flag in node
 
@@ -109,7 +112,7 @@ def test_two_nodes_train_like_one_process(smoke_stages, tmp_path):
     with socket.socket() as sock:  # a free port: the rendezvous port is 20000 + job id % 20000
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
-    slurm = {"SLURM_NNODES": "2", "SLURM_JOB_NODELIST": "127.0.0.1", "SLURM_JOB_ID": str(port - 20000), NODE_LAUNCHER_ENV: "1"}
+    slurm = {"SLURM_JOB_ID": str(port - 20000), NODE_LAUNCHER_ENV: "2:127.0.0.1"}
     command = [sys.executable, "-m", "selfperceptual", *args, "--out", str(tmp_path / "two"), "--checkpoints", str(tmp_path / "two_checkpoints")]
     nodes = [
         subprocess.Popen(command, cwd=tmp_path, env={**environment(), "OMP_NUM_THREADS": "1", **slurm, "SLURM_NODEID": str(node)},
@@ -121,3 +124,65 @@ def test_two_nodes_train_like_one_process(smoke_stages, tmp_path):
     assert "--nnodes=2" in outputs[0] and "--node-rank=1" in outputs[1]
     one, two = load_unet(tmp_path / "one" / "pipeline").state_dict(), load_unet(tmp_path / "two" / "pipeline").state_dict()
     assert_same_updates(load_unet(runs / "base" / "pipeline").state_dict(), one, two)
+
+
+# Started in every process of a test launch: rank 0's first checkpoint write pauses inside its first
+# file for SLOW_CHECKPOINT_S seconds, after marking the file SLOW_CHECKPOINT_MARK.
+SLOW_CHECKPOINT = """
+import os, time
+if os.environ.get("SLOW_CHECKPOINT_S") and os.environ.get("RANK") == "0":
+    import safetensors.torch
+    _save_file = safetensors.torch.save_file
+    def _slow_save_file(tensors, filename, *args, **kwargs):
+        mark = os.environ["SLOW_CHECKPOINT_MARK"]
+        if not os.path.exists(mark):
+            open(mark, "w").close()
+            time.sleep(float(os.environ["SLOW_CHECKPOINT_S"]))
+        return _save_file(tensors, filename, *args, **kwargs)
+    safetensors.torch.save_file = _slow_save_file
+"""
+# What the train stage runs on a node with two GPUs: the launch command for two processes, through run_launch.
+LAUNCH = "import sys; from selfperceptual.distributed import launch_command, run_launch; sys.exit(run_launch(launch_command(sys.argv[1:], 2, {})))"
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_launcher_mid_checkpoint_stops_every_rank_after_a_complete_one(smoke_stages, tmp_path):
+    """Two processes (torchrun, gloo): SIGTERM reaches the launcher while rank 0 writes a checkpoint
+    that takes longer than torchrun's grace would allow (its default, shortened to 2 s here). Every
+    rank stops after the same step, rank 0's stop checkpoint is complete, and a rerun resumes to
+    weights bit-identical to an uninterrupted run's."""
+    runs = smoke_stages
+    argv = ["train", "--params", str(REPO / "params.yaml"), "--scale", "smoke", "--data", str(runs / "encode"), "--init", str(runs / "base"),
+            "--objective", "mse", "--conditioning", "text", "--set", "train.mse.num_steps=6", "--set", "train.checkpoint_every_steps=2"]
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(SLOW_CHECKPOINT)
+    env = {**environment(), "OMP_NUM_THREADS": "1", "PYTHONPATH": str(tmp_path / "site"), "TORCH_ELASTIC_SHUTDOWN_TIMEOUT": "2"}
+
+    def launch(name, **extra):  # in a folder of its own: its tracking store (two launches run at once)
+        command = [sys.executable, "-c", LAUNCH, *argv, "--out", str(tmp_path / name), "--checkpoints", str(tmp_path / "checkpoints" / name)]
+        (tmp_path / f"{name}_cwd").mkdir(exist_ok=True)
+        return subprocess.Popen(command, cwd=tmp_path / f"{name}_cwd", env={**env, **extra}, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+    reference = launch("reference")
+    mark = tmp_path / "writing"
+    stopped = launch("stopped", SLOW_CHECKPOINT_S="10", SLOW_CHECKPOINT_MARK=str(mark))
+    deadline = time.monotonic() + 300
+    while not mark.exists():
+        assert stopped.poll() is None and time.monotonic() < deadline, stopped.communicate()[0][-4000:]
+        time.sleep(0.05)
+    stopped.send_signal(signal.SIGTERM)  # mid-write of the step-2 checkpoint
+    output = stopped.communicate(timeout=300)[0]
+    assert stopped.returncode == 143, output[-4000:]
+    assert output.count("training stopped by SIGTERM after step 3") == 2, output[-4000:]  # both ranks, after the same step
+    (store,) = (tmp_path / "checkpoints" / "stopped").iterdir()
+    assert sorted(path.name for path in store.glob("step-*")) == ["step-00000002", "step-00000003"]
+    state = json.loads((store / "step-00000003" / "state.json").read_text())
+    assert state["step"] == 3 and {path.name for path in (store / "step-00000003").iterdir()} == {
+        "model.safetensors", "ema.safetensors", "optimizer.safetensors", "state.json"}
+
+    resumed = launch("stopped")
+    output = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0 and "resuming from" in output, output[-4000:]
+    assert reference.wait(timeout=300) == 0, reference.communicate()[0][-4000:]
+    one, two = load_unet(tmp_path / "reference" / "pipeline").state_dict(), load_unet(tmp_path / "stopped" / "pipeline").state_dict()
+    assert all(torch.equal(one[key], two[key]) for key in one)

@@ -12,7 +12,6 @@ import argparse
 import errno
 import importlib
 import logging
-import subprocess
 import sys
 from pathlib import Path
 
@@ -59,7 +58,7 @@ def main(argv=None) -> int:
     command = launcher(argv, config) if launcher else None
     if command:  # e.g. train on a node with several GPUs: one process per GPU, through accelerate
         logging.getLogger("cli").info("launching: %s", " ".join(command))
-        return subprocess.call(command)
+        return distributed.run_launch(command)
     if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
         args.module.run(args, config, scale, None)
         return 0

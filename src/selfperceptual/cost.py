@@ -50,7 +50,8 @@ class Job:
         return self.gpu_hours / self.jobs / max(self.gpus, 1)
 
 
-def _flops(run) -> float:
+def count_flops(run) -> float:
+    """FLOPs of running ``run()``: every matmul and convolution, forward and backward (PyTorch's FlopCounterMode)."""
     with FlopCounterMode(display=False) as counter:
         run()
     return float(counter.get_total_flops())
@@ -97,17 +98,17 @@ def network_flops(resolution: int, layer: str = "midblock") -> dict[str, float]:
         vgg(image.clone().requires_grad_(True)).sum().backward()
 
     return {
-        "decode_branch": _flops(decode_branch),
-        "vgg_forward": _flops(lambda: vgg(image)),
-        "vgg_branch": _flops(vgg_branch),
-        "unet_forward": _flops(lambda: unet(latents, t, encoder_hidden_states=context)),
-        "unet_train": _flops(online_step),
-        "frozen_forward": _flops(lambda: perceptual.features(latents, t, context)),
-        "frozen_branch": _flops(frozen_branch),
-        "vae_encode": _flops(lambda: vae.encode(image)),
-        "vae_decode": _flops(lambda: vae.decode(latents)),
-        "text": _flops(lambda: text(tokens)),
-        "inception": _flops(lambda: inception(torch.randn(1, 3, 299, 299, device="meta"))),
+        "decode_branch": count_flops(decode_branch),
+        "vgg_forward": count_flops(lambda: vgg(image)),
+        "vgg_branch": count_flops(vgg_branch),
+        "unet_forward": count_flops(lambda: unet(latents, t, encoder_hidden_states=context)),
+        "unet_train": count_flops(online_step),
+        "frozen_forward": count_flops(lambda: perceptual.features(latents, t, context)),
+        "frozen_branch": count_flops(frozen_branch),
+        "vae_encode": count_flops(lambda: vae.encode(image)),
+        "vae_decode": count_flops(lambda: vae.decode(latents)),
+        "text": count_flops(lambda: text(tokens)),
+        "inception": count_flops(lambda: inception(torch.randn(1, 3, 299, 299, device="meta"))),
     }
 
 

@@ -1,5 +1,5 @@
 # One rule per stage of src/selfperceptual/dag.py (the description dvc.yaml is generated from).
-# STAGES, SCALE, CONFIG and CLUSTER come from the Snakefile; `config` is params.yaml as Snakemake
+# STAGES, SCALE, CONFIG, RESOURCES and RETRIES come from the Snakefile; `config` is params.yaml as Snakemake
 # read it. Threads and cluster resources come from params.yaml's `resources` block of the scale.
 
 
@@ -16,8 +16,8 @@ for stage in STAGES:
             at_scale(f"runs/{{scale}}/benchmarks/{stage.name}.tsv")
         threads: CONFIG.resources.of(stage.command).cpus  # Snakemake sets OMP_NUM_THREADS from this
         resources:
-            **rule_resources(CONFIG.resources.of(stage.command), CLUSTER, stage.command),
-        retries: TRAIN_RETRIES if stage.command == "train" else 0  # a stopped training job resumes from its checkpoint
+            **RESOURCES[stage.command],
+        retries: RETRIES[stage.command]  # a stopped training job resumes from its checkpoint
         priority: stage.priority
         params:
             # The command goes through params: `shell:` is evaluated when the job runs, after
