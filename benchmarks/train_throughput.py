@@ -1,7 +1,7 @@
 """Throughput of the training stage's own loop, per objective: images/s, MFU, peak memory, data wait.
 
     python benchmarks/train_throughput.py                                   # the smoke scale's UNet, CPU
-    python benchmarks/train_throughput.py --shape sd21 --latent 64 --precision bf16 --gpu h100
+    python benchmarks/train_throughput.py --shape sd21 --latent 64 --precision bf16 --gpu h100 --paper-batches
 
 Unlike ``sp_step.py`` (one loss step on tensors in memory), this runs ``training.train``, the loop the
 train stage runs: latents read from shards on disk (written here in encode's format, random
@@ -16,7 +16,10 @@ RSS). Figures:
   this very model and loss, so they hold for any shape;
 - the fraction of loop time spent waiting for the next step's inputs.
 
-On a CPU there is no meaningful peak: MFU is printed only when a peak is given.
+On a CPU there is no meaningful peak: MFU is printed only when a peak is given. ``--paper-batches``
+runs one GPU's share of the paper's global batch (896 / 8 GPUs) in each objective's paper
+micro-batches and gradient checkpointing (params.yaml), so peak memory is what a paper-scale job
+needs per GPU.
 """
 
 from __future__ import annotations
@@ -97,6 +100,7 @@ def flops_per_image(model, loss_fn, data, objective_config, train_config, device
 def measure(objective: str, args) -> dict:
     from selfperceptual.config import load_params
     from selfperceptual.data.latents import LatentData
+    from selfperceptual.distributed import BatchPlan
     from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
     from selfperceptual.training import train
 
@@ -115,7 +119,13 @@ def measure(objective: str, args) -> dict:
         "global_batch": args.global_batch, "max_per_device_batch": args.micro_batch, "precision": args.precision,
         "log_every_steps": 10, "preview_every_steps": 0,
     })
-    objective_config = getattr(train_config, objective).model_copy(update={"num_steps": steps})
+    memory = {}
+    if args.paper_batches:
+        paper = load_params(REPO / "params.yaml", "paper")[1]
+        memory = {key: getattr(getattr(paper.train, objective), key) for key in ("max_per_device_batch", "gradient_checkpointing")}
+        train_config = train_config.model_copy(update={"global_batch": paper.train.global_batch // paper.resources.train.gpus,
+                                                       "max_per_device_batch": paper.train.max_per_device_batch})
+    objective_config = getattr(train_config, objective).model_copy(update={"num_steps": steps, **memory})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
         write_shards(Path(folder) / "shards", args.samples, latent, length, width)
@@ -137,11 +147,13 @@ def measure(objective: str, args) -> dict:
         train_config = train_config.model_copy(update={"log_every_steps": args.warmup})
         result = train(model, data, loss_fn, objective_config, train_config, "text", 1000, None, Clock())
     (first_step, first_time), (last_step, last_time) = timed["first"], timed["last"]
-    images_per_s = (last_step - first_step) * args.global_batch / (last_time - first_time)
+    images_per_s = (last_step - first_step) * train_config.global_batch / (last_time - first_time)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     loop_s = result.seconds_per_step * steps
+    plan = BatchPlan.derive(train_config.global_batch, 1, objective_config.max_per_device_batch or train_config.max_per_device_batch)
     return {"objective": objective, "images_per_s": images_per_s, "flops_per_image": per_image, "peak_gib": peak / 2**30,
-            "data_wait_fraction": result.data_wait_s / loop_s, "latent": latent, "device": str(device)}
+            "data_wait_fraction": result.data_wait_s / loop_s, "latent": latent, "device": str(device),
+            "batch": f"{train_config.global_batch}/{plan.per_device}{' checkpointed' if objective_config.gradient_checkpointing else ''}"}
 
 
 def main() -> None:
@@ -154,6 +166,7 @@ def main() -> None:
     parser.add_argument("--precision", choices=("fp32", "fp16", "bf16"), default="fp32", help="train.precision (the paper's: bf16)")
     parser.add_argument("--global-batch", type=int, default=16, help="train.global_batch of the loop (one process)")
     parser.add_argument("--micro-batch", type=int, default=16, help="train.max_per_device_batch")
+    parser.add_argument("--paper-batches", action="store_true", help="one GPU's share of the paper's global batch, each objective's paper micro-batch")
     parser.add_argument("--samples", type=int, default=256, help="samples in the shards on disk")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
@@ -173,13 +186,13 @@ def main() -> None:
             raise SystemExit(f"{objective} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     first = rows[0]
-    print(f"shape={args.shape} latent={first['latent']}x{first['latent']} precision={args.precision} global_batch={args.global_batch} "
-          f"micro_batch={args.micro_batch} device={first['device']} peak={f'{peak:g} TFLOP/s' if peak else 'none given'}")
-    print(f"{'objective':<10}{'images/s':>10}{'TFLOP/image':>13}{'MFU':>7}{'peak GiB':>10}{'data wait':>11}")
+    print(f"shape={args.shape} latent={first['latent']}x{first['latent']} precision={args.precision} device={first['device']} "
+          f"peak={f'{peak:g} TFLOP/s' if peak else 'none given'}")
+    print(f"{'objective':<10}{'images/s':>10}{'GFLOP/image':>13}{'MFU':>7}{'peak GiB':>10}{'data wait':>11}  batch/micro-batch")
     for row in rows:
         mfu = f"{row['images_per_s'] * row['flops_per_image'] / (peak * 1e12):.1%}" if peak else "—"
-        print(f"{row['objective']:<10}{row['images_per_s']:>10.1f}{row['flops_per_image'] / 1e12:>13.4f}{mfu:>7}{row['peak_gib']:>10.2f}"
-              f"{row['data_wait_fraction']:>11.1%}")
+        print(f"{row['objective']:<10}{row['images_per_s']:>10.1f}{row['flops_per_image'] / 1e9:>13.6g}{mfu:>7}{row['peak_gib']:>10.2f}"
+              f"{row['data_wait_fraction']:>11.1%}  {row['batch']}")
     mse = next((row for row in rows if row["objective"] == "mse"), None)
     if mse:
         print("time per image over MSE's: " + "  ".join(f"{row['objective']}/mse {mse['images_per_s'] / row['images_per_s']:.2f}" for row in rows))

@@ -30,7 +30,7 @@ def test_train_throughput_benchmark_times_the_training_loop_per_objective(repo):
     counted on each objective's own step (SP's frozen network and the peers' decoders cost more than MSE)."""
     command = [sys.executable, "benchmarks/train_throughput.py", "--warmup", "1", "--steps", "2", "--samples", "64", "--peak-tflops", "1"]
     printed = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout
-    rows = {m[0]: m[1:] for m in re.findall(r"^(mse|sp|lpl|casdm)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%$", printed, re.MULTILINE)}
+    rows = {m[0]: m[1:] for m in re.findall(r"^(mse|sp|lpl|casdm)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)%\s+([\d.]+)\s+([\d.]+)%  16/16$", printed, re.MULTILINE)}
     assert set(rows) == {"mse", "sp", "lpl", "casdm"}, printed
     images_per_s, flops = {name: float(row[0]) for name, row in rows.items()}, {name: float(row[1]) for name, row in rows.items()}
     assert all(value > 0 for value in images_per_s.values())

@@ -35,6 +35,7 @@ def test_paper_scale_holds_section_4_hyperparameters(raw):
 REHEARSAL_MAY_DIFFER = (
     "corpus.num_eval_captions", "filter.min_side", "download.resolution", "download.processes", "download.threads",
     "download.shard_size", "encode.batch", "encode.shard_size", "train.global_batch", "train.max_per_device_batch",
+    *(f"train.{objective}.max_per_device_batch" for objective in ("mse", "sp", "lpl", "casdm")),
     "sample.num_images", "sample.batch", "evaluate.batch", "clip.batch", "figures.num_prompts", "figures.uncond_images", "figures.x0_prompts",  # sizes
     "train.mse.num_steps", "train.sp.num_steps", "train.lpl.num_steps", "train.casdm.num_steps", "train.log_every_steps", "train.preview_every_steps",
     "train.checkpoint_every_steps", "figures.uncond_steps",  # step counts

@@ -1,11 +1,15 @@
 """The shared training loop, condition dropout and the unconditional variant."""
 
+import copy
+
+import pytest
 import torch
 
 from selfperceptual.data.latents import ShardWriter
+from selfperceptual.distributed import sample_generators
 from selfperceptual.losses import MSELoss, SelfPerceptualLoss
 from selfperceptual.schedule import Schedule
-from selfperceptual.training import LatentData, LossHistory, train
+from selfperceptual.training import LatentData, LossHistory, Prefetch, StepInputs, train, update_ema
 from selfperceptual.unet import PerceptualNetwork
 
 
@@ -136,3 +140,76 @@ def test_casdm_trains_both_modules_in_the_one_loop_and_resumes_bit_for_bit(tmp_p
     resumed = train(fresh(), data, loss, casdm, settings, "text", 1000, store)
     assert resumed.first_step == 2
     assert all(torch.equal(value, whole[key]) for key, value in resumed.ema.state_dict().items())
+
+
+def test_prefetched_step_inputs_are_the_ones_made_in_line(tmp_path):
+    """The background thread prepares exactly what the loop would (each step's own generators), in
+    step order, and an error while preparing reaches the loop."""
+    data, loss = _latent_folder(tmp_path / "data", count=13), SelfPerceptualLoss(Schedule.zero_snr(), None)
+
+    def prepare(step):
+        generators = sample_generators(0, step, range(4, 8))
+        x0, context = data.batch(generators, 0.1, "text")
+        return StepInputs(x0, context, loss.draw(x0, generators))
+
+    inputs = Prefetch(prepare, range(3, 9), pin=False)
+    prefetched = list(zip(range(3, 9), inputs))
+    inputs.close()
+    for step, got in prefetched:
+        want = prepare(step)
+        assert torch.equal(got.x0, want.x0) and torch.equal(got.context, want.context)
+        assert got.draws.keys() == want.draws.keys() == {"eps", "t", "t_prime"}
+        assert all(torch.equal(got.draws[key], want.draws[key]) for key in want.draws)
+    assert not torch.equal(prefetched[0][1].x0, prefetched[1][1].x0)
+
+    def broken(step):
+        if step == 5:
+            raise OSError("shard unreadable")
+        return prepare(step)
+
+    inputs = Prefetch(broken, range(3, 9), pin=False)
+    with pytest.raises(OSError, match="shard unreadable"):
+        list(inputs)
+    inputs.close()
+
+
+def test_ema_update_in_one_call_matches_the_per_tensor_update(tiny_unet):
+    online = copy.deepcopy(tiny_unet)
+    with torch.no_grad():
+        for parameter in online.parameters():
+            parameter.add_(torch.randn(parameter.shape, generator=torch.Generator().manual_seed(parameter.numel())))
+    ema, expected = copy.deepcopy(tiny_unet), copy.deepcopy(tiny_unet)
+    update_ema(ema, online, 0.9)
+    with torch.no_grad():
+        for averaged, parameter in zip(expected.parameters(), online.parameters()):
+            averaged.lerp_(parameter, 0.1)
+    assert all(torch.equal(a, b) for a, b in zip(ema.parameters(), expected.parameters()))
+    assert not all(torch.equal(a, b) for a, b in zip(ema.parameters(), tiny_unet.parameters()))
+
+
+def test_an_objectives_memory_settings_change_memory_not_training(tmp_path, tiny_unet, smoke_config):
+    """An objective's own micro-batch cap replaces train.max_per_device_batch (gradient accumulation
+    makes up the global batch), and gradient checkpointing recomputes the same activations: the
+    weights come out the same."""
+
+    class CountingLoss(MSELoss):
+        def __call__(self, denoiser, x0, context, **draws):
+            sizes.append(len(x0))
+            return super().__call__(denoiser, x0, context, **draws)
+
+    data, start = _latent_folder(tmp_path / "data", count=16), copy.deepcopy(tiny_unet.state_dict())
+    settings = smoke_config.train.model_copy(update={"global_batch": 8, "max_per_device_batch": 8})
+    weights = []
+    for update, micro_batches in (({}, [8, 8]), ({"gradient_checkpointing": True}, [8, 8]), ({"max_per_device_batch": 3}, [2, 2, 2, 2] * 2)):
+        sizes: list[int] = []
+        tiny_unet.load_state_dict(start)
+        train(tiny_unet, data, CountingLoss(Schedule.zero_snr()), settings.mse.model_copy(update={"num_steps": 2, **update}), settings, "text", 1000)
+        assert sizes == micro_batches, update
+        weights.append(copy.deepcopy(tiny_unet.state_dict()))
+    plain, checkpointed, accumulated = weights
+    assert all(torch.equal(plain[key], checkpointed[key]) for key in plain)
+    # Accumulation sums in another order; Adam divides by the gradient's size, so in a few weights with
+    # near-zero gradients that noise shows as part of a step (as test_distributed.assert_same_updates).
+    moved = torch.cat([(plain[key] - start[key]).abs().flatten() for key in plain])
+    differs = torch.cat([(plain[key] - accumulated[key]).abs().flatten() for key in plain])
+    assert moved.mean() > 0 and differs.mean() < 1e-3 * moved.mean() and differs.max() < 0.1 * moved.max()

@@ -162,6 +162,11 @@ class ObjectiveConfig(Section):
     num_steps: int = Field(gt=0)
     condition_dropout: float = Field(ge=0.0, le=1.0)
     learning_rate: float = Field(gt=0)
+    # Memory, not the method: an objective whose step needs more memory per sample than MSE's takes
+    # smaller micro-batches (null: train.max_per_device_batch), or recomputes the UNet's activations
+    # in the backward pass instead of keeping them (diffusers' gradient checkpointing).
+    max_per_device_batch: int | None = Field(None, gt=0)
+    gradient_checkpointing: bool = False
 
 
 class SelfPerceptualConfig(ObjectiveConfig):

@@ -6,9 +6,11 @@ from __future__ import annotations
 import contextlib
 import copy
 import logging
+import queue
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -148,6 +150,69 @@ class StopFlag:
         return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
 
 
+@dataclass
+class StepInputs:
+    """What one training step reads: x0, the text context and the loss's draws (eps, t, ...), on the CPU."""
+
+    x0: torch.Tensor
+    context: torch.Tensor
+    draws: dict[str, torch.Tensor]
+
+    def pinned(self) -> StepInputs:
+        """In page-locked memory, so that copying to the GPU need not wait for the copy."""
+        return StepInputs(self.x0.pin_memory(), self.context.pin_memory(), {key: value.pin_memory() for key, value in self.draws.items()})
+
+
+class Prefetch:
+    """The inputs of the coming steps, prepared on a background thread while the current step
+    trains: the same tensors as preparing them in line, since each step's randomness comes from its
+    own generators. ``waited_s`` is the time the loop spent waiting for them."""
+
+    def __init__(self, prepare: Callable[[int], StepInputs], steps: range, pin: bool, depth: int = 2):
+        self._queue: queue.Queue = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self.waited_s = 0.0
+        self._thread = threading.Thread(target=self._work, args=(prepare, steps, pin), name="prefetch", daemon=True)
+        self._thread.start()
+
+    def _work(self, prepare, steps, pin) -> None:
+        for step in steps:
+            try:
+                item = prepare(step)
+                item = item.pinned() if pin else item
+            except BaseException as error:  # raised in the training loop, where it stops training
+                item = error
+            while not self._stop.is_set():
+                try:
+                    self._queue.put(item, timeout=0.1)
+                    break
+                except queue.Full:
+                    continue
+            if self._stop.is_set() or isinstance(item, BaseException):
+                return
+
+    def __iter__(self) -> Iterator[StepInputs]:
+        return self
+
+    def __next__(self) -> StepInputs:
+        started = time.perf_counter()
+        item = self._queue.get()
+        self.waited_s += time.perf_counter() - started
+        if isinstance(item, BaseException):
+            raise item
+        return item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
+    """ema <- decay * ema + (1 - decay) * online, every parameter in one multi-tensor call."""
+    with torch.no_grad():
+        torch._foreach_lerp_(list(ema.parameters()), [p.detach() for p in online.parameters()], 1.0 - decay)
+
+
 class Monitor:
     """What a stage hooks into the loop (live tracking, previews); called on the main process."""
 
@@ -162,6 +227,7 @@ class TrainResult:
     history: LossHistory | None
     seconds_per_step: float
     first_step: int  # 0, or the step a checkpoint resumed from
+    data_wait_s: float = 0.0  # of this run, spent waiting for the next step's inputs
 
 
 def train(
@@ -172,12 +238,15 @@ def train(
     ``checkpoints`` when there is one. Raises TrainingInterrupted on SIGTERM, after a checkpoint."""
     # Initialize.
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=ACCELERATE_PRECISION[train_config.precision])
-    plan = BatchPlan.derive(train_config.global_batch, accelerator.num_processes, train_config.max_per_device_batch)
+    max_per_device = objective_config.max_per_device_batch or train_config.max_per_device_batch
+    plan = BatchPlan.derive(train_config.global_batch, accelerator.num_processes, max_per_device)
     device, main = accelerator.device, accelerator.is_main_process
+    on_gpu = device.type == "cuda"
     monitor = monitor or Monitor()
     unet.train()
     ema = copy.deepcopy(unet).requires_grad_(False).eval() if main else None
-    optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate)
+    # One fused kernel for the whole update on a GPU; on the CPU, PyTorch's default (multi-tensor) Adam.
+    optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate, fused=on_gpu or None)
     history, first_step, seconds_before = LossHistory(num_train_timesteps), 0, 0.0
     latest = checkpoints.latest() if checkpoints else None
     if latest is not None:  # resume: the same weights, EMA, optimizer state and loss curve
@@ -186,56 +255,69 @@ def train(
         history.load_state_dict(state["history"])
         logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
     ema = ema.to(device) if main else None
+    if objective_config.gradient_checkpointing:
+        for network in (unet.unet, unet.x0_unet) if isinstance(unet, CascadedUNet) else (unet,):
+            network.enable_gradient_checkpointing()
     model, optimizer = accelerator.prepare(unet, optimizer)
     denoiser = model if isinstance(unet, CascadedUNet) else Denoiser(model)  # the cascade returns (v_hat, x0) itself
     loss_fn = loss_fn.to(device)
     positions = plan.samples_of(accelerator.process_index)
     num_steps = objective_config.num_steps
+
+    def prepare(step: int) -> StepInputs:
+        # This process's samples of the global batch, each with its own generator seeded by
+        # (seed, step, position): a resumed or differently split run sees the same stream.
+        generators = sample_generators(train_config.seed, step, positions)
+        x0, context = data.batch(generators, objective_config.condition_dropout, conditioning)
+        return StepInputs(x0, context, loss_fn.draw(x0, generators))
+
+    def flush_losses() -> None:
+        """Moves the losses of the steps since the last flush to the history (one host sync)."""
+        if pending:
+            losses, t = accelerator.gather(torch.cat([l for l, _ in pending])), accelerator.gather(torch.cat([t for _, t in pending]))
+            if main:
+                history.record(losses.cpu(), t.cpu())
+            pending.clear()
+
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-sample losses and timesteps not yet in the history
     started = time.perf_counter()
     progress = tqdm(range(first_step, num_steps), desc="train", initial=first_step, total=num_steps, mininterval=5, disable=not main)
-    with StopFlag() as stop:
-        for step in progress:
-            # This process's samples of the global batch, each with its own generator seeded by
-            # (seed, step, position): a resumed or differently split run sees the same stream.
-            generators = sample_generators(train_config.seed, step, positions)
-            x0, context = data.batch(generators, objective_config.condition_dropout, conditioning)
-            noise = loss_fn.draw(x0, generators)
-
+    inputs = Prefetch(prepare, range(first_step, num_steps), pin=on_gpu)
+    with StopFlag() as stop, contextlib.closing(inputs):
+        for step, batch in zip(progress, inputs):
             # Evaluate the loss and accumulate gradients: d/dtheta of the mean over the global batch
             # (DDP averages over processes, hence the factor num_processes).
+            x0, context = batch.x0.to(device, non_blocking=True), batch.context.to(device, non_blocking=True)
+            draws = {key: value.to(device, non_blocking=True) for key, value in batch.draws.items()}
             optimizer.zero_grad(set_to_none=True)
-            per_sample_losses, timesteps = [], []
             for k, micro in enumerate(plan.micro_batches()):
                 sync = accelerator.no_sync(model) if k < plan.accumulation - 1 else contextlib.nullcontext()
                 with sync:
                     with accelerator.autocast():
-                        per_sample, logs = loss_fn(
-                            denoiser, x0[micro].to(device), context[micro].to(device), **{key: value[micro].to(device) for key, value in noise.items()}
-                        )
+                        per_sample, logs = loss_fn(denoiser, x0[micro], context[micro], **{key: value[micro] for key, value in draws.items()})
                     accelerator.backward(per_sample.sum() * plan.num_processes / plan.global_batch)
-                per_sample_losses.append(per_sample.detach().float())
-                timesteps.append(logs["t"])
+                pending.append((per_sample.detach().float(), logs["t"]))
             optimizer.step()
 
             # Update the EMA (Section 4: decay 0.9995 at the paper's scale).
             if main:
-                with torch.no_grad():
-                    for averaged, online in zip(ema.parameters(), accelerator.unwrap_model(model).parameters()):
-                        averaged.lerp_(online.detach(), 1.0 - train_config.ema_decay)
+                update_ema(ema, accelerator.unwrap_model(model), train_config.ema_decay)
 
-            # Log, preview, checkpoint.
+            # Log, preview, checkpoint: the losses reach the host only at these steps.
             done = step + 1
-            losses, t = accelerator.gather(torch.cat(per_sample_losses)), accelerator.gather(torch.cat(timesteps))
+            stopping = stop.agreed(accelerator)
+            saving = checkpoints and (done % train_config.checkpoint_every_steps == 0 or done == num_steps or stopping)
+            logging_now = done % train_config.log_every_steps == 0 or done == num_steps
+            if logging_now or saving:
+                flush_losses()
             if main:
-                history.record(losses.cpu(), t.cpu())
-                if done % train_config.log_every_steps == 0 or done == num_steps:
+                if logging_now:
                     points = history.flush(done)
                     progress.set_postfix(loss=f"{points['loss'][1]:.4f}")
                     monitor.logged(done, points)
                 if train_config.preview_every_steps and done % train_config.preview_every_steps == 0 and done < num_steps:
                     monitor.preview(done, ema)
-            stopping = stop.agreed(accelerator)
-            if checkpoints and (done % train_config.checkpoint_every_steps == 0 or done == num_steps or stopping):
+            if saving:
                 if main:
                     meta = {"history": history.state_dict(), "train_seconds": seconds_before + time.perf_counter() - started}
                     checkpoints.save(done, accelerator.unwrap_model(model), ema, optimizer.optimizer, meta)
@@ -244,4 +326,4 @@ def train(
                 raise TrainingInterrupted(done)
     accelerator.wait_for_everyone()
     seconds_per_step = (seconds_before + time.perf_counter() - started) / num_steps  # over all runs of the stage
-    return TrainResult(ema, history if main else None, seconds_per_step, first_step)
+    return TrainResult(ema, history if main else None, seconds_per_step, first_step, inputs.waited_s)

@@ -113,7 +113,10 @@ def run(args, config, scale, out):
         "data": [str(folder.resolve()) for folder in args.data], "num_samples": len(data),
     }
     for key in ("log_every_steps", "preview_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_per_device_batch"):
-        settings["train"].pop(key)  # they change what is logged and kept, not what is trained
+        settings["train"].pop(key)  # they change what is logged and kept, or the memory used, not what is trained
+    for objective in OBJECTIVES:
+        for key in ("max_per_device_batch", "gradient_checkpointing"):
+            settings["train"][objective].pop(key)
     store = CheckpointStore(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
     log.info("train %s/%s: %d steps of %d on %d samples; checkpoints in %s", args.objective, args.conditioning,
              objective_config.num_steps, config.train.global_batch, len(data), store.folder)
