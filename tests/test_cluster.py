@@ -15,10 +15,10 @@ def test_gpu_settings_go_only_to_jobs_that_ask_for_gpus(repo):
     resources = load_params(repo / "params.yaml", "paper")[1].resources
     cluster = cluster_settings({"partition": "cpu", "gpu_partition": "gpu", "account": "lab", "gpu_model": "a100"})
     train, report = rule_resources(resources.of("train"), cluster, "train"), rule_resources(resources.of("report"), cluster, "report")
-    assert train == {"mem_mb": 512000, "runtime": 19260, "gres": "gpu:a100:8", "slurm_partition": "gpu", "slurm_account": "lab",
+    assert train == {"mem_mb": 512000, "runtime": 19260, "gres": "gpu:a100:8", "gpu_devices": 8, "slurm_partition": "gpu", "slurm_account": "lab",
                      "slurm_extra": "--signal=TERM@600"}
     two_nodes = rule_resources(resources.of("train").model_copy(update={"nodes": 2}), cluster, "train")
-    assert (two_nodes["nodes"], two_nodes["gres"]) == (2, "gpu:a100:8") and "tasks" not in two_nodes  # per node; one task per node
+    assert (two_nodes["nodes"], two_nodes["gres"], two_nodes["gpu_devices"]) == (2, "gpu:a100:8", 16) and "tasks" not in two_nodes  # per node; one task per node
     assert report == {"mem_mb": 4000, "runtime": 15, "slurm_partition": "cpu", "slurm_account": "lab"}
     assert rule_resources(resources.of("sample"), {})["gres"] == "gpu:1" and "slurm_partition" not in rule_resources(resources.of("sample"), {})
     with pytest.raises(ClusterSettingsError, match="cluster.partiton: unknown key"):

@@ -3,6 +3,7 @@ that follow from them."""
 
 import pytest
 
+from selfperceptual.config import load_params
 from selfperceptual.cost import MARGIN, PEAK_BF16_TFLOPS, estimate, network_flops, time_limits, train_flops_per_image
 
 
@@ -38,3 +39,14 @@ def test_a_measured_throughput_replaces_the_flop_estimate(paper):
     steps = paper.train.mse.num_steps * paper.train.global_batch
     assert measured["train_mse"].gpu_hours == pytest.approx(steps / 50.0 / 3600)
     assert measured["train_sp"].gpu_hours > measured["train_mse"].gpu_hours * paper.train.sp.num_steps / paper.train.mse.num_steps
+
+
+def test_the_workstation_scale_is_about_a_day_of_one_gpu(repo):
+    """On one H100 at 30% of its peak, by the FLOP count: about a day in all, every job one GPU, and
+    params.yaml's time limits what the cost table gives."""
+    workstation = load_params(repo / "params.yaml", "workstation")[1]
+    jobs = estimate(workstation, PEAK_BF16_TFLOPS["h100"], 0.3, 3_000_000, None)
+    assert 18 < sum(job.gpu_hours for job in jobs) < 30
+    assert {job.gpus for job in jobs} == {1}
+    for command, minutes in time_limits(jobs).items():
+        assert workstation.resources.of(command).runtime_min == minutes, command

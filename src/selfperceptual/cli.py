@@ -31,7 +31,7 @@ def _parser(names=STAGES) -> argparse.ArgumentParser:
         module = importlib.import_module(f".stages.{name}", __package__)
         sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
         sub.add_argument("--params", type=Path, required=True, help="params.yaml")
-        sub.add_argument("--scale", required=True, help="the params.yaml block to use (smoke, local, paper)")
+        sub.add_argument("--scale", required=True, help="the params.yaml block to use (smoke, local, rehearsal, workstation, paper)")
         sub.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
         sub.add_argument(
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",

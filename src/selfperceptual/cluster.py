@@ -150,6 +150,9 @@ def rule_resources(job, cluster: dict, command: str = "") -> dict:
     if job.gpus:
         # Per node, as --gres counts them (a job-wide --gpus breaks the executor's step on two nodes).
         resources["gres"] = f"gpu:{cluster['gpu_model']}:{job.gpus}" if "gpu_model" in cluster else f"gpu:{job.gpus}"
+        # For a machine's own scheduling (snakemake --resources gpu_devices=N runs at most N GPUs' worth
+        # of jobs at once); a name the SLURM executor does not read, unlike gpu and gpus.
+        resources["gpu_devices"] = job.gpus * job.nodes
         partition = cluster.get("gpu_partition", partition)
     if partition:
         resources["slurm_partition"] = partition

@@ -1,7 +1,8 @@
 """Typed, validated configuration read from ``params.yaml``.
 
 ``params.yaml`` holds ``scale`` (which block is in force) and one block per scale (``smoke``,
-``local``, ``paper``). Every block has the same schema; only values differ between scales.
+``local``, ``rehearsal``, ``workstation``, ``paper``). Every block has the same schema; only values
+differ between scales.
 Unknown keys and wrong types are errors that name the dotted key.
 """
 
@@ -13,7 +14,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-SCALES = ("smoke", "local", "rehearsal", "paper")
+SCALES = ("smoke", "local", "rehearsal", "workstation", "paper")
 
 
 class Section(BaseModel):
