@@ -42,3 +42,32 @@ def test_a_checkpoint_cut_short_by_a_kill_is_removed_and_never_resumed(tmp_path)
     cut_short.mkdir()
     assert store.latest() == tmp_path / "checkpoints" / "step-00000010"
     assert not cut_short.exists()
+
+
+def test_images_decoded_and_written_on_threads_are_the_ones_done_in_line(tmp_path):
+    """evaluate's parallel decoding and sample's background PNG writes change nothing but speed."""
+    import numpy as np
+    import pytest
+    from PIL import Image, ImageOps
+
+    from selfperceptual.io import background_writes, decode_images
+
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)) for i in range(9)]
+    (tmp_path / "inline").mkdir()
+    (tmp_path / "threads").mkdir()
+    for i, image in enumerate(images):
+        image.save(tmp_path / "inline" / f"{i:05d}.png")
+    with background_writes() as write:
+        for i, image in enumerate(images):
+            write(image.save, tmp_path / "threads" / f"{i:05d}.png")
+    for i in range(len(images)):
+        assert (tmp_path / "inline" / f"{i:05d}.png").read_bytes() == (tmp_path / "threads" / f"{i:05d}.png").read_bytes()
+
+    paths = sorted((tmp_path / "inline").glob("*.png"))
+    fit = lambda image: ImageOps.fit(image, (16, 16), Image.BICUBIC)  # noqa: E731 - what the reference images go through
+    decoded, inline = decode_images(paths, fit), [fit(Image.open(path).convert("RGB")) for path in paths]
+    assert [np.asarray(image).tobytes() for image in decoded] == [np.asarray(image).tobytes() for image in inline]
+
+    with pytest.raises(FileNotFoundError), background_writes() as write:
+        write(images[0].save, tmp_path / "missing" / "00000.png")

@@ -32,6 +32,7 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from tqdm import tqdm
 
 from .data.shards import to_tensor
+from .io import decode_images
 from .device import Runtime, runtime
 from .intervals import sigma_root
 
@@ -151,10 +152,7 @@ def load_extractor(folder: Path, device: Runtime):
 def reference_images(paths: list[str], resolution: int) -> list[Image.Image]:
     """The distinct images of ``paths`` (first occurrence order), centre-cropped and resized to
     ``resolution`` x ``resolution`` with PIL's bicubic filter."""
-    return [
-        ImageOps.fit(Image.open(path).convert("RGB"), (resolution, resolution), Image.BICUBIC)
-        for path in dict.fromkeys(paths)
-    ]
+    return decode_images(dict.fromkeys(paths), lambda image: ImageOps.fit(image, (resolution, resolution), Image.BICUBIC))
 
 
 @torch.no_grad()

@@ -9,6 +9,7 @@ import os
 import shutil
 import socket
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 log = logging.getLogger("io")
@@ -88,3 +89,33 @@ def write_json(path: str | Path, data) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+def cores() -> int:
+    """The cores this process may run on (a job's allocation, not the machine's)."""
+    return len(os.sched_getaffinity(0))
+
+
+def decode_images(paths, prepare=None) -> list:
+    """The images at ``paths`` as RGB PIL images (each passed through ``prepare`` when given), in
+    order, decoded on a thread per core: PIL's decoders and resamplers release the GIL."""
+    from PIL import Image
+
+    def decode(path):
+        image = Image.open(path).convert("RGB")
+        return prepare(image) if prepare else image
+
+    with ThreadPoolExecutor(max_workers=cores()) as pool:
+        return list(pool.map(decode, paths))
+
+
+@contextlib.contextmanager
+def background_writes():
+    """Yields ``submit(function, *args)``: the writes (PNG encoding, compression) run on worker
+    threads while the caller goes on computing. On exit, every write has finished; the first that
+    failed raises."""
+    with ThreadPoolExecutor(max_workers=cores()) as pool:
+        futures = []
+        yield lambda function, *args: futures.append(pool.submit(function, *args))
+        for future in futures:
+            future.result()

@@ -17,7 +17,6 @@ from pathlib import Path
 
 import pandas as pd
 import torch
-from PIL import Image
 from safetensors.torch import load_file, save_file
 
 from .. import tracking
@@ -25,7 +24,7 @@ from ..device import runtime
 from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
 from ..experiments import ABLATION_RUNS, peer_tags, row_named, unseeded
 from ..intervals import FrechetToReference, bootstrap
-from ..io import write_json
+from ..io import decode_images, write_json
 from ..sampling import grid, sample_images
 
 log = logging.getLogger("evaluate")
@@ -59,7 +58,7 @@ def run(args, config, scale, out) -> None:
     check_featnet(args.featnet)
     sampled, paths = sample_images(args.samples)
     row = row_named(sampled["row"])
-    images = [Image.open(path).convert("RGB") for path in paths]
+    images = decode_images(paths)
     device = runtime(config.evaluate.precision)
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
     reference = load_file(args.featnet / "reference.safetensors")

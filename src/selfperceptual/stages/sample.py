@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ..device import runtime
 from ..experiments import row_named
-from ..io import write_json
+from ..io import background_writes, write_json
 from ..models import load_stage_pipeline
 from ..sampling import generate
 from ..split import add_part_argument, batch_block, checked_part
@@ -45,11 +45,12 @@ def run(args, config, scale, out) -> None:
     pipeline.set_progress_bar_config(disable=True)
     log.info("sample %s on %s", row.name, device.describe())
     (out / "images").mkdir()
-    for start in tqdm(range(todo.start, todo.stop, settings.batch), desc="sample", mininterval=5):
-        batch = slice(start, min(start + settings.batch, todo.stop))
-        images = generate(pipeline, prompts[batch], seeds[batch], row.steps, row.cfg, row.rescale, settings.eta)
-        for offset, image in enumerate(images):
-            image.save(out / "images" / f"{start + offset:05d}.png")
+    with background_writes() as write:  # PNG encoding on other cores while the next batch samples
+        for start in tqdm(range(todo.start, todo.stop, settings.batch), desc="sample", mininterval=5):
+            batch = slice(start, min(start + settings.batch, todo.stop))
+            images = generate(pipeline, prompts[batch], seeds[batch], row.steps, row.cfg, row.rescale, settings.eta)
+            for offset, image in enumerate(images):
+                write(image.save, out / "images" / f"{start + offset:05d}.png")
     write_json(
         out / "samples.json",
         {"row": row.name, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
