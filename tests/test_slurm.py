@@ -178,14 +178,12 @@ TARGET_STAGES = {"corpus", "filter", "download", "clip", "base", "featnet", "enc
 
 # Over 90 s of work on 2 cores: more than a job trains before its stop signal (below).
 MSE_STEPS = 600
+SMOKE_RESOURCES = ("    default: {cpus: 1, mem_mb: 2000, runtime_min: 20}\n    base: {cpus: 2, mem_mb: 2000, runtime_min: 20}\n"
+                   "    encode: {cpus: 2, mem_mb: 2000, runtime_min: 20}\n")
 
 
 def _reference_training(copy: Path, folder: Path) -> subprocess.Popen:
-    """train_mse's command, run uninterrupted outside SLURM once its inputs are there."""
-    deadline = time.monotonic() + 900
-    while not all((copy / "runs" / "smoke" / name).is_dir() for name in ("encode", "base")):
-        assert time.monotonic() < deadline, "encode and base never finished"
-        time.sleep(1)
+    """train_mse's command, run uninterrupted outside SLURM (its inputs are there)."""
     folder.mkdir()
     command = [sys.executable, "-m", "selfperceptual", "train", "--data", str(copy / "runs/smoke/encode"), "--init", str(copy / "runs/smoke/base"),
                "--objective", "mse", "--conditioning", "text", "--checkpoints", str(folder / "checkpoints"), "--params", str(copy / "params.yaml"),
@@ -194,34 +192,45 @@ def _reference_training(copy: Path, folder: Path) -> subprocess.Popen:
         return subprocess.Popen(command, cwd=folder, env={**environment(), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}, stdout=log, stderr=subprocess.STDOUT)
 
 
+def _through_slurm(copy: Path, env, *targets: str, timeout: float = 900) -> str:
+    """Snakemake's output for ``targets`` through the SLURM profile, which must succeed."""
+    command = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", *LOCAL_SETTINGS, *targets]
+    snakemake = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = _finish(snakemake, env, timeout)
+    assert snakemake.returncode == 0, output[-6000:]
+    return output
+
+
 def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
-    """Each kind of smoke-scale job through sbatch, on a cluster whose longest job is 2 minutes,
-    less than train_mse's work: training runs as a chain of 2-minute jobs. SLURM itself signals
-    each 30 s ahead of its limit (no scancel; SLURM checks limits every 30 s, so the signal comes
-    60-90 s into the job), the job checkpoints and exits 143, Snakemake's main process submits the
-    next, and it resumes, to weights identical to an uninterrupted run's."""
+    """Each kind of smoke-scale job through sbatch; train_mse on a cluster whose longest job is 2
+    minutes, less than its work: it runs as a chain of 2-minute jobs. SLURM itself signals each 30 s
+    ahead of its limit (no scancel; SLURM checks limits every 30 s, so the signal comes 60-90 s into
+    the job), the job checkpoints and exits 143, Snakemake's main process submits the next, and it
+    resumes, to weights identical to an uninterrupted run's. The stages before and after it run
+    without that limit, so that a loaded machine cannot stop them."""
     copy = copy_repository(tmp_path / "repo", scale="smoke")
-    # The user's settings: not the default partition; a 2-minute max_runtime, with a stop signal that fits it.
-    (copy / "cluster.yaml").write_text("cluster: {partition: work, max_runtime: 2, stop_signal_lead_s: 30}\n")
     params = copy / "params.yaml"
     text = params.read_text().replace("mse: {num_steps: 20,", f"mse: {{num_steps: {MSE_STEPS},", 1)
-    smoke_resources = ("    default: {cpus: 1, mem_mb: 2000, runtime_min: 20}\n    base: {cpus: 2, mem_mb: 2000, runtime_min: 20}\n"
-                       "    encode: {cpus: 2, mem_mb: 2000, runtime_min: 20}\n")
-    assert smoke_resources in text
-    # Training needs 12 minutes at most: a chain of 12 jobs. Every other job must end within the 2 minutes
-    # on a loaded machine too, so the two that train a network (the VAE, the feature network) train less.
-    text = text.replace(smoke_resources, smoke_resources.replace("runtime_min: 20", "runtime_min: 2") + "    train: {cpus: 1, mem_mb: 2000, runtime_min: 12}\n", 1)
-    for before, after in (("train_steps: 60, train_crop: 32,", "train_steps: 15, train_crop: 32,"), ("featnet: {kind: tiny, train_steps: 40,", "featnet: {kind: tiny, train_steps: 15,")):
-        assert before in text
-        text = text.replace(before, after, 1)
+    assert SMOKE_RESOURCES in text
     params.write_text(text)
     env = {**environment(), "SLURM_CONF": slurm["SLURM_CONF"]}
     since = _last_job_id(env)  # the module's other tests ran jobs on this cluster too
-    command = [sys.executable, "-m", "snakemake", "--profile", "workflow/profiles/slurm", *LOCAL_SETTINGS, TARGET]
-    snakemake = subprocess.Popen(command, cwd=copy, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    cluster_file = copy / "cluster.yaml"  # the user's settings: not the default partition
+    cluster_file.write_text("cluster: {partition: work}\n")
+    _through_slurm(copy, env, "encode", "base")
     reference = _reference_training(copy, tmp_path / "reference")
-    output = _finish(snakemake, env, timeout=1800)
-    assert snakemake.returncode == 0, output[-6000:]
+
+    # A 2-minute max_runtime with a stop signal that fits it. Training needs 12 minutes at most (a
+    # chain of 12 jobs); the other stages must fit the limit to be accepted at all.
+    cluster_file.write_text("cluster: {partition: work, max_runtime: 2, stop_signal_lead_s: 30}\n")
+    params.write_text(text.replace(SMOKE_RESOURCES, SMOKE_RESOURCES.replace("runtime_min: 20", "runtime_min: 2")
+                                   + "    train: {cpus: 1, mem_mb: 2000, runtime_min: 12}\n", 1))
+    output = _through_slurm(copy, env, "train_mse", timeout=1200)
+    records = [record for record in _job_records(env, "train_mse") if int(record["JobId"]) > since]
+
+    cluster_file.write_text("cluster: {partition: work}\n")
+    params.write_text(text)
+    _through_slurm(copy, env, TARGET)
 
     assert TARGET_STAGES <= {stage.name for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1])}
     jobs = _jobs(env, since)
@@ -237,7 +246,6 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     # SLURM stopped the job ahead of its limit; it ended (a job SLURM stops has no time left to
     # restart in), and Snakemake's main process submitted another (the training rules' retries),
     # which resumed; as often as the work needed.
-    records = [record for record in _job_records(env, "train_mse") if int(record["JobId"]) > since]
     assert len(records) >= 2 and "Trying to restart job" in output
     assert [record["JobState"] for record in records] == ["FAILED"] * (len(records) - 1) + ["COMPLETED"]
     assert {record["TimeLimit"] for record in records} == {"00:02:00"}  # FAILED, not TIMEOUT: stopped by the signal ahead of the limit

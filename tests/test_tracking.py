@@ -75,7 +75,7 @@ def mlflow_server(tmp_path):
     server = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 300  # its imports alone take over a minute on a loaded 2-core machine
         while True:
             try:
                 if urllib.request.urlopen(f"{url}/health", timeout=2).status == 200:
