@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import run_stage
 
-from selfperceptual.data.shards import iter_samples
+from selfperceptual.data.shards import iter_samples, sample_batches
 from selfperceptual.sampling import sample_images
 from selfperceptual.split import batch_block, parse_part
 from selfperceptual.training import LatentData
@@ -19,6 +19,18 @@ def test_batch_blocks_cover_everything_once_on_batch_boundaries():
         assert all(part.start % batch == 0 or part.start == total for part in parts)
     with pytest.raises(Exception, match="I/N"):
         parse_part("3/3")
+
+
+def test_sample_batches_decoded_ahead_are_the_samples_of_the_block_in_order(smoke_stages):
+    """encode's reader: a block [start, stop) in batches, each decoded on threads while the caller
+    works on the previous one, gives the same keys, pixels and captions as reading in line."""
+    folders = [smoke_stages / "download"]
+    whole = [(key, image.tobytes(), caption) for key, image, caption in iter_samples(folders)]
+    start, stop = 3, len(whole) - 2
+    batches = list(sample_batches(folders, 7, start, stop))
+    assert [len(batch) for batch in batches[:-1]] == [7] * (len(batches) - 1) and 1 <= len(batches[-1]) <= 7
+    assert [(key, image.tobytes(), caption) for batch in batches for key, image, caption in batch] == whole[start:stop]
+    assert [len(batch) for batch in sample_batches(folders, len(whole) + 5)] == [len(whole)]
 
 
 def test_download_in_two_jobs_fetches_the_same_samples(smoke_stages, tmp_path):

@@ -10,11 +10,14 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
+
+from ..io import cores
 
 
 def _shard_members(folders):
@@ -35,17 +38,52 @@ def count_samples(folders) -> int:
     return sum(1 for _ in _shard_members(folders))
 
 
-def iter_samples(folders, start: int = 0, stop: int | None = None):
-    """Yields (key, PIL image, caption) of samples [start, stop) of the download folders, in order."""
+def _encoded_samples(folders, start: int, stop: int | None):
+    """(key, JPEG bytes, caption) of samples [start, stop) of the download folders, in order."""
     for position, (tar, key, parts) in enumerate(_shard_members(folders)):
         if stop is not None and position >= stop:
             return
         if position < start:
             continue
         meta = json.loads(tar.extractfile(parts["json"]).read()) if "json" in parts else {}
-        image = Image.open(io.BytesIO(tar.extractfile(parts["jpg"]).read())).convert("RGB")
-        caption = tar.extractfile(parts["txt"]).read().decode()
-        yield (f"{meta['ROW']:09d}" if "ROW" in meta else key), image, caption
+        jpeg, caption = tar.extractfile(parts["jpg"]).read(), tar.extractfile(parts["txt"]).read().decode()
+        yield (f"{meta['ROW']:09d}" if "ROW" in meta else key), jpeg, caption
+
+
+def _decode(jpeg: bytes) -> Image.Image:
+    return Image.open(io.BytesIO(jpeg)).convert("RGB")
+
+
+def iter_samples(folders, start: int = 0, stop: int | None = None):
+    """Yields (key, PIL image, caption) of samples [start, stop) of the download folders, in order."""
+    for key, jpeg, caption in _encoded_samples(folders, start, stop):
+        yield key, _decode(jpeg), caption
+
+
+def sample_batches(folders, size: int, start: int = 0, stop: int | None = None):
+    """Yields lists of up to ``size`` (key, PIL image, caption), the samples [start, stop) in order,
+    as iter_samples gives them. The JPEGs of the next batch decode on a thread per core (PIL's
+    decoder releases the GIL) while the caller works on the current one (encode: on the GPU)."""
+
+    def batches():
+        batch = []
+        for sample in _encoded_samples(folders, start, stop):
+            batch.append(sample)
+            if len(batch) == size:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+    with ThreadPoolExecutor(max_workers=cores()) as pool:
+        ahead = None
+        for batch in batches():
+            decoding = [(key, pool.submit(_decode, jpeg), caption) for key, jpeg, caption in batch]
+            if ahead is not None:
+                yield [(key, image.result(), caption) for key, image, caption in ahead]
+            ahead = decoding
+        if ahead is not None:
+            yield [(key, image.result(), caption) for key, image, caption in ahead]
 
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:

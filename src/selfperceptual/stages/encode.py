@@ -18,7 +18,7 @@ import torch
 from tqdm import tqdm
 
 from ..data.latents import ShardWriter
-from ..data.shards import count_samples, iter_samples, to_tensor
+from ..data.shards import count_samples, sample_batches, to_tensor
 from ..device import runtime
 from ..models import encode_prompts, load_stage_pipeline
 from ..split import add_part_argument, batch_block, checked_part
@@ -32,17 +32,6 @@ def add_arguments(parser) -> None:
     add_part_argument(parser, "the samples (in blocks of encode.batch)")
 
 
-def _batches(iterable, size):
-    batch = []
-    for item in iterable:
-        batch.append(item)
-        if len(batch) == size:
-            yield batch
-            batch = []
-    if batch:
-        yield batch
-
-
 @torch.no_grad()
 def run(args, config, scale, out) -> None:
     device = runtime(config.encode.precision)
@@ -53,7 +42,7 @@ def run(args, config, scale, out) -> None:
     todo = batch_block(count_samples(args.images), config.encode.batch, index, count)
     log.info("encode: samples %d-%d on %s, shards of %d", todo.start, todo.stop, device.describe(), config.encode.shard_size)
     writer = ShardWriter(out, config.encode.shard_size)
-    batches = _batches(iter_samples(args.images, todo.start, todo.stop), config.encode.batch)
+    batches = sample_batches(args.images, config.encode.batch, todo.start, todo.stop)  # the next batch decodes meanwhile
     for batch in tqdm(batches, desc="encode", total=-(-len(todo) // config.encode.batch), mininterval=5):
         posterior = vae.encode(device.tensor(to_tensor([image for _, image, _ in batch]))).latent_dist
         texts = [caption for _, _, caption in batch]
