@@ -245,7 +245,7 @@ def train(
     monitor = monitor or Monitor()
     unet.train()
     ema = copy.deepcopy(unet).requires_grad_(False).eval() if main else None
-    # One fused kernel for the whole update on a GPU; on the CPU, PyTorch's default (multi-tensor) Adam.
+    # One fused kernel for the whole update on a GPU; on the CPU, PyTorch's default there (a tensor at a time, as before).
     optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate, fused=on_gpu or None)
     history, first_step, seconds_before = LossHistory(num_train_timesteps), 0, 0.0
     latest = checkpoints.latest() if checkpoints else None
