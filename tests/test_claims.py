@@ -1,6 +1,7 @@
 """The claims' verdicts are computed from the numbers: made-up evaluations where the paper is
 right, where it is wrong, and where one run cannot tell, each give the verdicts they must."""
 
+import numpy as np
 import pytest
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -123,6 +124,17 @@ def test_the_fast_fid_equals_torch_fidelitys_and_its_interval_holds_the_estimate
     assert fid(torch.cat([fake] * 3)) == pytest.approx(fid_statistics_to_metric(fid_features_to_statistics(torch.cat([fake] * 3).double()), reference, verbose=False)[KEY_METRIC_FID], rel=1e-7)  # n > d
     low, high = bootstrap(lambda images: fid(fake[images]), len(fake), 100)
     assert low < fid(fake) < high
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU (evaluate's bootstrap runs on its device)")
+def test_the_bootstrap_on_a_gpu_gives_the_cpus_interval():
+    generator = torch.Generator().manual_seed(1)
+    real, fake = torch.randn(3000, 256, generator=generator), torch.randn(600, 256, generator=generator) + 0.1
+    reference = fid_features_to_statistics(real.double())
+    mu, sigma = torch.from_numpy(reference["mu"]), torch.from_numpy(reference["sigma"])
+    on_cpu, on_gpu = (FrechetToReference(mu, sigma, device=device).resampler(fake) for device in ("cpu", "cuda"))
+    assert on_gpu(np.arange(600)) == pytest.approx(on_cpu(np.arange(600)), rel=1e-9)
+    assert bootstrap(on_gpu, 600, 50) == pytest.approx(bootstrap(on_cpu, 600, 50), rel=1e-9)
 
 
 def test_an_interval_over_seeds_is_students_t():

@@ -30,20 +30,23 @@ class FrechetToReference:
     features, of size min(n, d). ``resampler`` projects the features by R once, so that a
     resample costs one small eigendecomposition. torch-fidelity's ``fid_statistics_to_metric``
     takes ``scipy.linalg.sqrtm`` of a d x d product each call; the two agree
-    (tests/test_claims.py), and the point estimates in the report stay torch-fidelity's."""
+    (tests/test_claims.py), and the point estimates in the report stay torch-fidelity's. On a
+    ``device`` (evaluate's GPU) the resamples' eigendecompositions run there, in float64."""
 
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, root: torch.Tensor | None = None):
-        self.mu = mu.double()
-        self.root = sigma_root(sigma) if root is None else root.double()
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, root: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mu = mu.double().to(self.device)
+        self.root = (sigma_root(sigma) if root is None else root.double()).to(self.device)
         self.trace = float(torch.trace(sigma.double()))
 
     def resampler(self, features: torch.Tensor) -> Callable[[np.ndarray], float]:
         """``indices -> FID of features[indices]``."""
-        features = features.double()
+        features = features.double().to(self.device)
         projected = features @ self.root  # row i: R x_i (R is symmetric)
         d = features.shape[1]
 
         def fid(indices) -> float:
+            indices = torch.as_tensor(indices, device=self.device)
             chosen, scaled = features[indices], projected[indices]
             n, mean = len(chosen), chosen.mean(0)
             centred = (scaled - scaled.mean(0)) / (n - 1) ** 0.5  # rows: R (x_i - mean), scaled

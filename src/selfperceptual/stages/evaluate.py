@@ -64,7 +64,7 @@ def run(args, config, scale, out) -> None:
     reference = load_file(args.featnet / "reference.safetensors")
     scores = {**metrics(features, logits, reference, config.evaluate.is_splits), "num_images": len(images)}
     if config.evaluate.bootstrap:
-        fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root")).resampler(features)
+        fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"), device.device).resampler(features)
         scores["fid_low"], scores["fid_high"] = bootstrap(fid, len(images), config.evaluate.bootstrap)
     per_image = {"features": features.float().contiguous()}
     prompts = sampled["prompts"][: len(images)]
