@@ -37,3 +37,12 @@ def test_train_throughput_benchmark_times_the_training_loop_per_objective(repo):
     assert flops["mse"] < flops["sp"] < flops["casdm"] and flops["mse"] <= flops["lpl"]  # LPL decodes only the samples below its t threshold
     assert all(0 <= float(row[4]) <= 100 for row in rows.values())  # the share of loop time spent waiting for data
     assert re.search(r"^time per image over MSE's: mse/mse 1\.00  sp/mse [\d.]+  lpl/mse [\d.]+  casdm/mse [\d.]+$", printed, re.MULTILINE)
+
+
+def test_startup_benchmark_times_each_stage_against_another_source_tree(repo):
+    """benchmarks/startup.py: a row per stage asked for, with the other tree's time and the ratio."""
+    command = [sys.executable, "benchmarks/startup.py", "--runs", "1", "--vs", "src", "corpus", "filter"]
+    printed = subprocess.run(command, cwd=repo, check=True, capture_output=True, text=True).stdout
+    rows = re.findall(r"^(\w+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", printed, re.MULTILINE)
+    assert [row[0] for row in rows] == ["corpus", "filter"], printed
+    assert all(float(here) > 0 and float(there) > 0 and float(ratio) > 0 for _, here, there, ratio in rows)

@@ -9,8 +9,10 @@ tracking store failed, 143 stopped by SIGTERM after a checkpoint (rerun to resum
 from __future__ import annotations
 
 import argparse
+import ast
 import errno
 import importlib
+import importlib.util
 import logging
 import sys
 from pathlib import Path
@@ -24,12 +26,23 @@ STAGES = ("corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train
           "sample", "evaluate", "figures", "report")
 
 
-def _parser(names=STAGES) -> argparse.ArgumentParser:
+def _docstring(name: str) -> str:
+    """A stage's docstring, read from its source without importing it (a stage's imports take seconds)."""
+    origin = importlib.util.find_spec(f"{__package__}.stages.{name}").origin
+    return ast.get_docstring(ast.parse(Path(origin).read_text()))
+
+
+def _parser(chosen: str | None) -> argparse.ArgumentParser:
+    """Every stage listed; only ``chosen`` imported, with its arguments (a pipeline starts dozens of
+    these processes, and most stages never touch diffusers)."""
     parser = argparse.ArgumentParser(prog="python -m selfperceptual", description=__doc__)
     commands = parser.add_subparsers(dest="stage", required=True)
-    for name in names:
-        module = importlib.import_module(f".stages.{name}", __package__)
-        sub = commands.add_parser(name, help=module.__doc__.splitlines()[0], description=module.__doc__)
+    for name in STAGES:
+        module = importlib.import_module(f".stages.{name}", __package__) if name == chosen else None
+        doc = module.__doc__ if module else _docstring(name)
+        sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
+        if module is None:
+            continue
         sub.add_argument("--params", type=Path, required=True, help="params.yaml")
         sub.add_argument("--scale", required=True, help="the params.yaml block to use (smoke, local, rehearsal, workstation, paper)")
         sub.add_argument("--out", type=Path, required=True, help="output folder (replaced atomically)")
@@ -45,10 +58,8 @@ def _parser(names=STAGES) -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
-    # Import only the stage that runs (a pipeline starts dozens of these processes, and most
-    # stages never touch diffusers); an unknown or missing stage lists them all.
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
-    args = _parser([chosen] if chosen in STAGES else STAGES).parse_args(argv)
+    args = _parser(chosen).parse_args(argv)
     try:
         scale, config = load_params(args.params, args.scale, args.overrides)
     except ParamsError as error:

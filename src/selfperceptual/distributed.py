@@ -16,8 +16,10 @@ import signal
 import subprocess
 import sys
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,8 @@ class BatchPlan:
 
 def sample_generators(seed: int, step: int, positions: range) -> list[torch.Generator]:
     """One generator per sample of a step (what makes a step independent of how it is split)."""
+    import torch  # here: the command line imports this module, and most stages never need torch
+
     return [torch.Generator().manual_seed((seed * 1_000_003 + step) * 1_000_003 + position) for position in positions]
 
 

@@ -12,12 +12,15 @@ import json
 import tarfile
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
 
 from ..io import cores
+
+if TYPE_CHECKING:  # torch is imported where it is used
+    import torch
 
 
 def _shard_members(folders):
@@ -88,6 +91,8 @@ def sample_batches(folders, size: int, start: int = 0, stop: int | None = None):
 
 def to_tensor(images: list[Image.Image]) -> torch.Tensor:
     """PIL images -> float tensor in [-1, 1], NCHW (the VAE's input range)."""
+    import torch  # here: download counts samples with this module and needs no torch
+
     array = np.stack([np.asarray(image, dtype=np.float32) for image in images]) / 127.5 - 1.0
     return torch.from_numpy(array).permute(0, 3, 1, 2).contiguous()
 
