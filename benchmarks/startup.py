@@ -36,10 +36,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--vs", type=Path, help="another checkout's src/ folder, timed run by run against this one")
-    parser.add_argument("stages", nargs="*", default=[None, *STAGES], help="stages to time (default: --help alone, then every stage)")
+    parser.add_argument("stages", nargs="*", default=list(STAGES), help="stages to time after --help alone (default: every stage)")
     args = parser.parse_args()
     print(f"stage            {'this (s)':>9}" + (f"  {'--vs (s)':>9}  {'ratio':>6}" if args.vs else ""))
-    for stage in args.stages:
+    for stage in [None, *args.stages]:
         here, there = [], []
         for _ in range(args.runs):
             here.append(seconds(stage, None))
