@@ -32,6 +32,7 @@ FIRST = (
     "test_dvc_exp_run_runs_each_kind_of_smoke_stage",  # worker 2
     "test_sigterm_then_sigkill_then_resume",  # worker 1, after the rehearsal
     "test_smoke_scale_runs_through_the_slurm_profile",  # worker 2, after the DVC run
+    "test_slurm_accepts_and_places_every_paper_scale_job",  # beside it: the module's one SLURM cluster serves both
 )
 
 
