@@ -37,7 +37,7 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
     these processes, and most stages never touch diffusers)."""
     parser = argparse.ArgumentParser(prog="python -m selfperceptual", description=__doc__)
     commands = parser.add_subparsers(dest="stage", required=True)
-    for name in STAGES:
+    for name in [chosen] if chosen in STAGES else STAGES:  # a stage that runs needs no listing of the others
         module = importlib.import_module(f".stages.{name}", __package__) if name == chosen else None
         doc = module.__doc__ if module else _docstring(name)
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
