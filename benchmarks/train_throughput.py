@@ -16,6 +16,9 @@ RSS). Figures:
   this very model and loss, so they hold for any shape;
 - the fraction of loop time spent waiting for the next step's inputs.
 
+``--compile`` and ``--channels-last`` turn on train.compile and train.channels_last (the paper
+scale's settings), lever by lever; ``--warmup`` steps then include the compilation.
+
 On a CPU there is no meaningful peak: MFU is printed only when a peak is given. ``--paper-batches``
 runs one GPU's share of the paper's global batch (896 / 8 GPUs) in each objective's paper
 micro-batches and gradient checkpointing (params.yaml), so peak memory is what a paper-scale job
@@ -117,7 +120,7 @@ def measure(objective: str, args) -> dict:
     steps = args.warmup + args.steps
     train_config = config.train.model_copy(update={
         "global_batch": args.global_batch, "max_per_device_batch": args.micro_batch, "precision": args.precision,
-        "log_every_steps": 10, "preview_every_steps": 0,
+        "log_every_steps": 10, "preview_every_steps": 0, "compile": args.compile, "channels_last": args.channels_last,
     })
     memory = {}
     if args.paper_batches:
@@ -170,6 +173,8 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=256, help="samples in the shards on disk")
     parser.add_argument("--warmup", type=int, default=3, help="steps before the timed ones (compilation, allocator)")
     parser.add_argument("--steps", type=int, default=10, help="timed steps")
+    parser.add_argument("--compile", action="store_true", help="train.compile: torch.compile the UNet(s) and SP's f* (Inductor)")
+    parser.add_argument("--channels-last", action="store_true", help="train.channels_last: NHWC layout of the step's networks")
     parser.add_argument("--gpu", choices=sorted(PEAK_BF16_TFLOPS), help="the GPU whose dense bf16 peak MFU is taken against")
     parser.add_argument("--peak-tflops", type=float, help="that peak, given directly")
     parser.add_argument("--objective", choices=OBJECTIVES, help=argparse.SUPPRESS)
@@ -186,7 +191,8 @@ def main() -> None:
             raise SystemExit(f"{objective} failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
     first = rows[0]
-    print(f"shape={args.shape} latent={first['latent']}x{first['latent']} precision={args.precision} device={first['device']} "
+    print(f"shape={args.shape} latent={first['latent']}x{first['latent']} precision={args.precision} compile={args.compile} "
+          f"channels_last={args.channels_last} device={first['device']} "
           f"peak={f'{peak:g} TFLOP/s' if peak else 'none given'}")
     print(f"{'objective':<10}{'images/s':>10}{'GFLOP/image':>13}{'MFU':>7}{'peak GiB':>10}{'data wait':>11}  batch/micro-batch")
     for row in rows:

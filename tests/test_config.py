@@ -46,7 +46,9 @@ INPUT_PATHS = ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_imag
 COMMANDS = ("default", "corpus", "filter", "download", "clip_embed", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate",
             "figures", "report")
 JOB_SIZES = tuple(f"resources.{command}.{size}" for command in COMMANDS for size in ("cpus", "mem_mb", "runtime_min"))
-REHEARSAL_MAY_DIFFER = (*SIZES, *STEPS, *SPLITS, *INPUT_PATHS, *JOB_SIZES)
+# Speed settings that need a GPU to pay (Inductor compiles a UNet for minutes on a CPU).
+GPU_SPEED = ("train.compile", "train.channels_last")
+REHEARSAL_MAY_DIFFER = (*SIZES, *STEPS, *SPLITS, *INPUT_PATHS, *JOB_SIZES, *GPU_SPEED)
 # The workstation: the paper's inputs; sizes, steps and splits, its GPUs per job among them (one GPU).
 WORKSTATION_MAY_DIFFER = (*SIZES, *STEPS, *SPLITS, *JOB_SIZES, *(f"resources.{command}.gpus" for command in COMMANDS))
 MAY_DIFFER = {"rehearsal": REHEARSAL_MAY_DIFFER, "workstation": WORKSTATION_MAY_DIFFER}

@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 
 from .schedule import Schedule
-from .unet import PerceptualNetwork
+from .unet import PerceptualNetwork, compiled
 
 
 def _mean_per_sample(x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,12 @@ class MSELoss:
     def draw(self, x0: torch.Tensor, generators: list) -> dict[str, torch.Tensor]:
         return draw_noise(self.schedule, x0, generators)
 
-    def to(self, device) -> MSELoss:
+    def to(self, device, memory_format: torch.memory_format = torch.preserve_format) -> MSELoss:
+        """Moves the loss's own networks (none for MSE) to ``device`` in ``memory_format``."""
+        return self
+
+    def compile(self) -> MSELoss:
+        """Compiles the loss's own networks where it pays (torch.compile; train.compile)."""
         return self
 
     def noised(self, x0, eps=None, t=None, generator=None, generators=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -115,8 +120,13 @@ class SelfPerceptualLoss:
         t_prime = [self.t_prime_sampler(t_cpu[i : i + 1], self.schedule.num_train_timesteps, g)[0] for i, g in enumerate(generators)]
         return {**drawn, "t_prime": torch.stack(t_prime).to(x0.device)}
 
-    def to(self, device) -> SelfPerceptualLoss:
-        self.perceptual.to(device)
+    def to(self, device, memory_format: torch.memory_format = torch.preserve_format) -> SelfPerceptualLoss:
+        self.perceptual.to(device, memory_format=memory_format)
+        return self
+
+    def compile(self) -> SelfPerceptualLoss:
+        """f*'s forward is as much of the step as the UNet's: compiled like it."""
+        self.perceptual.features = compiled(self.perceptual.features)
         return self
 
     def _feature_distance(self, x_pred, x_real_features, t_prime, context):
@@ -192,8 +202,8 @@ class LatentPerceptualLoss(MSELoss):
             raise ValueError(f"num_blocks={num_blocks}: the decoder has {blocks} up blocks")
         self.power_law, self.remove_outliers = power_law, remove_outliers
 
-    def to(self, device) -> LatentPerceptualLoss:
-        self.vae.to(device)
+    def to(self, device, memory_format: torch.memory_format = torch.preserve_format) -> LatentPerceptualLoss:
+        self.vae.to(device, memory_format=memory_format)
         return self
 
     def features(self, latents: torch.Tensor) -> list[torch.Tensor]:
@@ -250,9 +260,9 @@ class CascadeLoss(MSELoss):
         self.vae, self.metric = vae.requires_grad_(False).eval(), metric.requires_grad_(False).eval()
         self.x0_weight, self.metric_weight, self.metric_weighting = x0_weight, metric_weight, metric_weighting
 
-    def to(self, device) -> CascadeLoss:
-        self.vae.to(device)
-        self.metric.to(device)
+    def to(self, device, memory_format: torch.memory_format = torch.preserve_format) -> CascadeLoss:
+        self.vae.to(device, memory_format=memory_format)
+        self.metric.to(device, memory_format=memory_format)
         return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

@@ -25,7 +25,7 @@ from .distributed import ACCELERATE_PRECISION, BatchPlan, sample_generators
 from .io import read_json
 from .losses import CascadeLoss, LatentPerceptualLoss, MSELoss, SelfPerceptualLoss
 from .schedule import Schedule
-from .unet import Denoiser, PerceptualNetwork
+from .unet import Denoiser, PerceptualNetwork, compiled
 
 NUM_T_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
 
@@ -207,6 +207,22 @@ class Prefetch:
         self._thread.join()
 
 
+def trained_networks(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
+    """The UNets a training run updates: the UNet, or Cas-DM's two modules."""
+    return (model.unet, model.x0_unet) if isinstance(model, CascadedUNet) else (model,)
+
+
+def match_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Gives the optimizer's state the memory layout of its parameters (channels-last after a
+    resume, since checkpoints store contiguous tensors); the values are unchanged."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * online, every parameter in one multi-tensor call."""
     with torch.no_grad():
@@ -244,6 +260,9 @@ def train(
     on_gpu = device.type == "cuda"
     monitor = monitor or Monitor()
     unet.train()
+    memory_format = torch.channels_last if train_config.channels_last else torch.preserve_format
+    if train_config.channels_last:
+        unet.to(memory_format=memory_format)  # first: the EMA and the optimizer's state take its layout
     ema = copy.deepcopy(unet).requires_grad_(False).eval() if main else None
     # One fused kernel for the whole update on a GPU; on the CPU, PyTorch's default there (a tensor at a time, as before).
     optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate, fused=on_gpu or None)
@@ -251,16 +270,21 @@ def train(
     latest = checkpoints.latest() if checkpoints else None
     if latest is not None:  # resume: the same weights, EMA, optimizer state and loss curve
         state = CheckpointStore.load(latest, unet, ema, optimizer)
+        match_layout(optimizer)
         first_step, seconds_before = state["step"], state["train_seconds"]
         history.load_state_dict(state["history"])
         logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
     ema = ema.to(device) if main else None
     if objective_config.gradient_checkpointing:
-        for network in (unet.unet, unet.x0_unet) if isinstance(unet, CascadedUNet) else (unet,):
+        for network in trained_networks(unet):
             network.enable_gradient_checkpointing()
+    loss_fn = loss_fn.to(device, memory_format=memory_format)
+    if train_config.compile:  # in place: the state dicts, checkpoints and EMA keep their keys
+        for network in trained_networks(unet):
+            network.forward = compiled(network.forward)
+        loss_fn.compile()
     model, optimizer = accelerator.prepare(unet, optimizer)
     denoiser = model if isinstance(unet, CascadedUNet) else Denoiser(model)  # the cascade returns (v_hat, x0) itself
-    loss_fn = loss_fn.to(device)
     positions = plan.samples_of(accelerator.process_index)
     num_steps = objective_config.num_steps
 
@@ -325,5 +349,7 @@ def train(
             if stopping:
                 raise TrainingInterrupted(done)
     accelerator.wait_for_everyone()
+    if main and train_config.channels_last:
+        ema.to(memory_format=torch.contiguous_format)  # the layout of the saved pipeline (safetensors stores contiguous tensors)
     seconds_per_step = (seconds_before + time.perf_counter() - started) / num_steps  # over all runs of the stage
     return TrainResult(ema, history if main else None, seconds_per_step, first_step, inputs.waited_s)
