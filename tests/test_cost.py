@@ -6,6 +6,10 @@ import pytest
 from selfperceptual.config import load_params
 from selfperceptual.cost import MARGIN, PEAK_BF16_TFLOPS, estimate, network_flops, time_limits, train_flops_per_image
 
+# One pytest-xdist worker for the module: the FLOP counts of SD 2.1-base's networks (about 30 s of
+# counting on the meta device) are cached in the process, and each test here needs them.
+pytestmark = pytest.mark.xdist_group("cost")
+
 
 @pytest.fixture(scope="module")
 def paper(repo):
