@@ -181,13 +181,22 @@ def test_lpl_features_lie_on_the_decoders_own_path(tiny_vae, latents):
 
 
 def test_lpl_gradients_reach_the_unet_and_never_the_vae(tiny_unet, tiny_vae, latents, context):
+    """The perceptual term has gradients of its own: weight 1 and weight 0 (the MSE term alone)
+    give different UNet gradients; none reach the frozen VAE."""
     from selfperceptual.losses import LatentPerceptualLoss
 
-    lpl = LatentPerceptualLoss(Schedule.zero_snr(), tiny_vae, weight=1.0, t_threshold=1000)
-    per_sample, _ = lpl(Denoiser(tiny_unet), latents, context, generator=torch.Generator().manual_seed(0))
-    per_sample.mean().backward()
-    assert all(p.grad is not None for p in tiny_unet.parameters() if p.requires_grad)
-    assert all(p.grad is None and not p.requires_grad for p in tiny_vae.parameters())
+    def gradients(weight: float) -> list[torch.Tensor]:
+        tiny_unet.zero_grad(set_to_none=True)
+        lpl = LatentPerceptualLoss(Schedule.zero_snr(), tiny_vae, weight=weight, t_threshold=1000)
+        per_sample, _ = lpl(Denoiser(tiny_unet), latents, context, generator=torch.Generator().manual_seed(0))
+        per_sample.mean().backward()
+        assert all(p.grad is None and not p.requires_grad for p in tiny_vae.parameters())
+        return [p.grad.clone() for p in tiny_unet.parameters() if p.requires_grad]
+
+    with_term, mse_only = gradients(1.0), gradients(0.0)
+    assert all(torch.isfinite(g).all() for g in with_term)
+    differs = [not torch.allclose(a, b) for a, b in zip(with_term, mse_only, strict=True)]
+    assert sum(differs) > len(differs) // 2  # the term reaches most of the UNet, not just its last layer
 
 
 def test_lpl_outlier_mask_masks_a_cluster_with_a_margin_and_keeps_an_isolated_value():

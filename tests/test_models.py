@@ -146,6 +146,7 @@ def test_casdm_loss_trains_module_two_with_the_metric_and_module_one_without(sav
     # Module one's gradient is the MSE loss's alone: the x0 and metric terms stop at module two.
     one = torch.autograd.grad(per_sample.sum(), list(pipeline.unet.parameters()), allow_unused=True)
     alone = torch.autograd.grad(v_only.sum(), list(pipeline.unet.parameters()), allow_unused=True)
+    assert [a is None for a in one] == [b is None for b in alone] and sum(a is not None for a in one) > len(one) // 2
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(one, alone, strict=True) if a is not None)
     # The metric's gradient reaches module two (through its zero output layer first), never the VAE or the metric.
     no_metric = CascadeLoss(schedule, pipeline.vae, metric, x0_weight=1.0, metric_weight=0.0)
