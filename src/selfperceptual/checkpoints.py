@@ -66,6 +66,17 @@ def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
     return {"state": state, "param_groups": rest["param_groups"]}
 
 
+def _match_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Gives the loaded optimizer state its parameters' memory layout (channels-last ones too:
+    checkpoints store contiguous tensors); the values are unchanged."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
 class CheckpointStore:
     def __init__(self, folder: str | Path, keep: int):
         self.folder, self.keep = Path(folder), keep
@@ -99,4 +110,5 @@ class CheckpointStore:
         if ema is not None:
             ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
         optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+        _match_layout(optimizer)
         return state

@@ -219,7 +219,7 @@ class TrainConfig(Section):
     preview_every_steps: int = Field(ge=0)  # a preview grid of the EMA model in MLflow (0: only at the end)
     checkpoint_every_steps: int = Field(gt=0)  # training state saved for resuming (also at the end and on SIGTERM)
     keep_checkpoints: int = Field(gt=0)  # the latest this many are kept
-    # Speed, not the method (README, "Speed of the training step"): the same losses within float noise.
+    # Speed, not the method (README, "Speed and memory of the training loop"): the same losses within float noise.
     compile: bool = False  # torch.compile the UNet(s) being trained and SP's f*
     channels_last: bool = False  # NHWC convolutions in the networks of the step (tensor cores' layout)
     mse: ObjectiveConfig

@@ -212,17 +212,6 @@ def trained_networks(model: torch.nn.Module) -> tuple[torch.nn.Module, ...]:
     return (model.unet, model.x0_unet) if isinstance(model, CascadedUNet) else (model,)
 
 
-def match_layout(optimizer: torch.optim.Optimizer) -> None:
-    """Gives the optimizer's state the memory layout of its parameters (channels-last after a
-    resume, since checkpoints store contiguous tensors); the values are unchanged."""
-    for group in optimizer.param_groups:
-        for parameter in group["params"]:
-            state = optimizer.state.get(parameter, {})
-            for key, value in state.items():
-                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
-                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
-
-
 def update_ema(ema: torch.nn.Module, online: torch.nn.Module, decay: float) -> None:
     """ema <- decay * ema + (1 - decay) * online, every parameter in one multi-tensor call."""
     with torch.no_grad():
@@ -270,7 +259,6 @@ def train(
     latest = checkpoints.latest() if checkpoints else None
     if latest is not None:  # resume: the same weights, EMA, optimizer state and loss curve
         state = CheckpointStore.load(latest, unet, ema, optimizer)
-        match_layout(optimizer)
         first_step, seconds_before = state["step"], state["train_seconds"]
         history.load_state_dict(state["history"])
         logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
