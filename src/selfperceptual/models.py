@@ -131,7 +131,8 @@ def build_unet(config, sample_size: int, latent_channels: int, cross_attention_d
 
 
 def ddim_scheduler(schedule_config) -> DDIMScheduler:
-    """The sampler of every table (DESIGN: never inherit SD 2.1-base's epsilon scheduler)."""
+    """The sampler of every table: DDIM with v-prediction, zero terminal SNR and trailing timesteps
+    (the paper's), never the epsilon scheduler a loaded SD 2.1-base pipeline brings with it."""
     schedule = Schedule.from_config(schedule_config)
     return DDIMScheduler(
         beta_start=schedule_config.beta_start,
