@@ -13,7 +13,7 @@ import yaml
 from workspace import copy_repository, run
 
 from selfperceptual.config import SCALES, load_params
-from selfperceptual.dag import SOURCES, build_stages, missing_external_inputs, render_dvc_yaml
+from selfperceptual.dag import EXTERNAL_INPUTS, build_stages, missing_external_inputs, render_dvc_yaml
 
 
 def test_dvc_yaml_is_generated_from_the_dag(repo):
@@ -185,7 +185,7 @@ def test_readme_lists_every_external_input_the_paper_scale_checks(repo):
     listed six of eleven)."""
     section = (repo / "README.md").read_text().split("## The paper scale", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([a-z_]+\.[a-z_.]+)`", section))
-    checked = set(SOURCES) | {"featnet.inception_weights"}  # every key the check can name, with where to get it
+    checked = set(EXTERNAL_INPUTS)
     named = {line.split(":", 1)[0] for line in missing_external_inputs(load_params(repo / "params.yaml", "paper")[1])}
     assert named <= checked and len(checked) == 11
     assert checked <= listed, sorted(checked - listed)

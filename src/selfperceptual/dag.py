@@ -182,6 +182,10 @@ SOURCES = {
     "(AlexNet with metric alex: https://download.pytorch.org/models/alexnet-owt-7be5be79.pth)",
 }
 
+# Every key missing_external_inputs can name: those above, and torch-fidelity's Inception weights,
+# whose address torch-fidelity owns (_source).
+EXTERNAL_INPUTS = (*SOURCES, "featnet.inception_weights")
+
 
 def missing_external_inputs(config) -> list[str]:
     """Each external input a scale names that is not on this machine, with where to get it."""
