@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from selfperceptual import tracking
+from selfperceptual import tracking, warm
 from selfperceptual.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
 from selfperceptual.config import ParamsError, load_params
 from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
@@ -68,11 +68,28 @@ if CONFIG.authors:
             [at_scale(run_dir(f"evaluate_{row}")) for row in RELEASED_ROWS],
 
 
+# Stages run here start in a second, forked from a server that has done their imports
+# (src/selfperceptual/warm.py; SP_WARM_STAGES=0 turns it off).
+WARM = []
+
+
 onstart:
     tracking.prepare(SCALE)
+    WARM.append(warm.start(local=workflow.local_exec))
+
+
+def stop_warm():
+    for server in filter(None, WARM):
+        server.stop()
+    WARM.clear()
+
+
+onerror:
+    stop_warm()
 
 
 onsuccess:
+    stop_warm()
     # Record what ran with DVC, so `dvc status` agrees with Snakemake. dvc.yaml follows the scale
     # params.yaml names; a run of another scale (--config scale=...) is left unrecorded.
     done = [stage.name for stage in STAGES if os.path.isdir(at_scale(stage.out))]

@@ -4,6 +4,13 @@ import sys
 # transformers warns at import that torchvision is missing (it is, on purpose: see README).
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
+if os.environ.get("SP_STAGE_SERVER"):  # a pipeline's stage server has the imports done (warm.py)
+    from .warm import delegate
+
+    code = delegate(os.environ["SP_STAGE_SERVER"], sys.argv)
+    if code is not None:
+        sys.exit(code)
+
 from .cli import main
 
 sys.exit(main())
