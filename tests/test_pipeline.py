@@ -61,6 +61,8 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     resumed = json.loads((runs_dir / "train_mse" / "metrics.json").read_text())["resumed_from_step"]
     assert resumed == int(killed_at.removeprefix("step-")) > 0
     assert "Trying to restart job" in output
+    # Every stage but training was forked from the stage server (src/selfperceptual/warm.py).
+    assert "stage server ready" in output and "in a new process" not in output
 
     # Every stage ran, the report and the MLflow runs are complete; paper-scale code paths did the work.
     check_outputs_and_runs(copy, "rehearsal")

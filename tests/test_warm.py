@@ -26,12 +26,14 @@ def server():
     os.environ.clear()
     os.environ.update(env)
     try:
-        started = warm.start(local=True)
-        assert started is not None, warm.not_wanted(local=True)
-        path = os.environ[warm.SERVER_ENV]
+        reason = warm.not_wanted(local=True)
+        started = None if reason else warm.start(local=True)
+        path = os.environ.get(warm.SERVER_ENV)
     finally:
         os.environ.clear()
         os.environ.update(saved)
+    if started is None:
+        pytest.skip(f"no stage server on this machine: {reason}")
     started.env = {**env, warm.SERVER_ENV: path}
     deadline = time.monotonic() + 300
     while not os.path.exists(path):  # it listens once its imports are done
@@ -109,8 +111,8 @@ def test_what_differs_from_the_server_runs_as_a_new_process(server, tmp_path, mo
     argv = _command("corpus", tmp_path / "out")[2:]  # as sys.argv: the entry point, then the stage's arguments
     argv[0] = str(REPO / "src" / "selfperceptual" / "__main__.py")
     path = server.env[warm.SERVER_ENV]
-    # Thread counts and temporary folders are the stage's to set.
-    monkeypatch.setattr(os, "environ", {**server.env, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path)})
+    # Thread counts, temporary folders and the shell's working directory are the command's own.
+    monkeypatch.setattr(os, "environ", {**server.env, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PWD": str(tmp_path)})
     assert warm.delegate(path, argv) == 0
     assert (tmp_path / "out" / "params.json").is_file()
     # A variable read at import (diffusers' verbosity) set otherwise than the server had it; a training stage.

@@ -12,8 +12,8 @@ the stage dies with it if it is killed.
 Where the server cannot serve a command exactly as a new process would run it, the command runs in
 a new process as before: a training stage (it reports its process's peak memory, and runs long), a
 command before the server is listening, a launched worker of a multi-GPU job, or (logged) one whose
-environment differs from the server's in more than thread and temporary-folder settings (libraries
-read many variables once, at import).
+environment differs from the server's in more than thread, temporary-folder and working-directory
+settings (libraries read many variables once, at import).
 
 Snakemake starts one for a run on this machine (not for cluster jobs) on Linux without NVIDIA GPUs
 (a fork must not inherit a CUDA context; a GPU stage's start-up is small beside its work). Set
@@ -45,8 +45,9 @@ SWITCH_ENV = "SP_WARM_STAGES"
 # Read by the stage itself (torch.set_num_threads), so they may differ from the server's.
 THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "GOTO_NUM_THREADS",
                    "VECLIB_MAXIMUM_THREADS", "NUMEXPR_NUM_THREADS")
-# Where temporary files go: Snakemake sets them for each job; the fork reads them afresh.
-TEMPORARY = ("TMPDIR", "TMP", "TEMP", "TEMPDIR")
+# Where temporary files go (Snakemake sets them for each job; the fork reads them afresh), and
+# the working directory as the command's shell saw it (the fork moves there).
+PER_COMMAND = ("TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD")
 # Read by nobody at import: the shell's nesting level and last command, MLflow's telemetry session.
 UNREAD = ("SHLVL", "_", "_MLFLOW_TELEMETRY_SESSION_ID")
 # Set by a launcher in each process of a multi-GPU job: those run as new processes.
@@ -206,7 +207,7 @@ def preload() -> dict[str, str]:
 
 def differences(env: dict[str, str], server_env: dict[str, str]) -> list[str]:
     """Variables set differently from the server's, other than thread settings."""
-    keys = (set(env) | set(server_env)) - set(THREAD_SETTINGS) - set(TEMPORARY) - set(UNREAD) - {SERVER_ENV}
+    keys = (set(env) | set(server_env)) - set(THREAD_SETTINGS) - set(PER_COMMAND) - set(UNREAD) - {SERVER_ENV}
     return sorted(key for key in keys if env.get(key) != server_env.get(key))
 
 
