@@ -59,7 +59,7 @@ def test_readme_shows_what_the_paper_scale_asks_for(repo):
 
     table = resource_table(load_params(repo / "params.yaml", "paper")[1], {"max_runtime": "2-00:00:00"})
     assert "| `train` | 15 | 1 | 64 | 512 GB | 8 | 321 h | 7 | 48 h |" in table
-    assert table in (repo / "README.md").read_text(), "README's table is stale: python -m selfperceptual.cluster paper --max-runtime 2-00:00:00"
+    assert table in (repo / "docs" / "cluster.md").read_text(), "docs/cluster.md's table is stale: python -m selfperceptual.cluster paper --max-runtime 2-00:00:00"
 
 
 def test_training_longer_than_the_clusters_limit_runs_as_a_chain_of_jobs(repo):

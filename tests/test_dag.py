@@ -180,10 +180,10 @@ def test_a_dvc_yaml_behind_params_yaml_is_named_and_not_committed_to(tmp_path):
     assert "dvc.yaml does not match" not in result.stdout + result.stderr
 
 
-def test_readme_lists_every_external_input_the_paper_scale_checks(repo):
-    """README's table of the paper's external inputs names each key the pipeline checks (it once
+def test_the_docs_list_every_external_input_the_paper_scale_checks(repo):
+    """docs/scales.md's table of the paper's external inputs names each key the pipeline checks (it once
     listed six of eleven)."""
-    section = (repo / "README.md").read_text().split("## The paper scale", 1)[1].split("\n## ", 1)[0]
+    section = (repo / "docs" / "scales.md").read_text().split("## The paper scale", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([a-z_]+\.[a-z_.]+)`", section))
     checked = set(EXTERNAL_INPUTS)
     named = {line.split(":", 1)[0] for line in missing_external_inputs(load_params(repo / "params.yaml", "paper")[1])}

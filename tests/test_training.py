@@ -220,7 +220,7 @@ def test_compiled_channels_last_training_matches_eager_and_resumes_bit_for_bit(t
     compiled, every network NHWC) gives eager's weights within float noise, and a resumed run
     (contiguous checkpoints back into the channels-last layout) those of an uninterrupted one bit
     for bit. Compiled with aot_eager: Dynamo's graph capture and AOTAutograd's graphs as on a GPU,
-    without Inductor's code generation (minutes on a CPU; README)."""
+    without Inductor's code generation (minutes on a CPU; docs/speed.md)."""
     from selfperceptual import unet as unet_module
     from selfperceptual.checkpoints import CheckpointStore
 

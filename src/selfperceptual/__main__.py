@@ -1,7 +1,7 @@
 import os
 import sys
 
-# transformers warns at import that torchvision is missing (it is, on purpose: see README).
+# transformers logs warnings at import that are noise in a stage's log.
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 if os.environ.get("SP_STAGE_SERVER"):  # a pipeline's stage server has the imports done (warm.py)

@@ -4,7 +4,7 @@ with the MSE loss alone). Module two takes x_t, t and module one's x0 estimate, 
 stopped between them, and predicts x0; only it sees the metric loss (LPIPS of the decoded images).
 Sampling is DDIM with module two's x0 and module one's noise estimate.
 
-Our choices where the paper is open (README, "Peers"): module two has module one's architecture with
+Our choices where the paper is open (docs/peers.md): module two has module one's architecture with
 twice the input channels (x_t and x0_hat side by side) and starts from module one's weights, the new
 input channels and the output layer zero, and it predicts a correction added to x0_hat, so at the
 first step the cascade samples exactly as the MSE model it starts from. The text condition reaches

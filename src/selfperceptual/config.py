@@ -193,7 +193,7 @@ class CasDMConfig(ObjectiveConfig):
     """Cas-DM (arXiv 2401.02414), a peer objective: module one keeps the MSE loss; module two predicts x0
     from x_t and module one's x0 estimate, trained with ``x0_weight`` times the MSE on x0 plus
     ``metric_weight`` times LPIPS of the decoded images (casdm.py). The paper leaves the weights and the
-    dynamic weighting open; README gives our choices."""
+    dynamic weighting open; docs/peers.md gives our choices."""
 
     x0_weight: float = Field(1.0, ge=0)
     metric_weight: float = Field(1.0, ge=0)
@@ -219,7 +219,7 @@ class TrainConfig(Section):
     preview_every_steps: int = Field(ge=0)  # a preview grid of the EMA model in MLflow (0: only at the end)
     checkpoint_every_steps: int = Field(gt=0)  # training state saved for resuming (also at the end and on SIGTERM)
     keep_checkpoints: int = Field(gt=0)  # the latest this many are kept
-    # Speed, not the method (README, "Speed and memory of the training loop"): the same losses within float noise.
+    # Speed, not the method (docs/speed.md): the same losses within float noise.
     compile: bool = False  # torch.compile the UNet(s) being trained and SP's f*
     channels_last: bool = False  # NHWC convolutions in the networks of the step (tensor cores' layout)
     mse: ObjectiveConfig
@@ -231,7 +231,7 @@ class TrainConfig(Section):
 class FeatNetConfig(Section):
     """The evaluation feature network: ``tiny`` is trained on held-out real corpus images,
     ``inception`` is torch-fidelity's Inception-v3 with the weights file ``inception_weights``
-    (paper scale; README says where to get it)."""
+    (paper scale; docs/scales.md says where to get it)."""
 
     kind: Literal["tiny", "inception"]
     train_steps: int = Field(ge=0)

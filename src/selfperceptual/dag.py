@@ -165,7 +165,7 @@ def param_values(block: dict, keys: tuple[str, ...]) -> dict:
     return values
 
 
-# Where each external input of the paper scale comes from (README: the paper scale).
+# Where each external input of the paper scale comes from (docs/scales.md: the paper scale).
 SOURCES = {
     "corpus.laion_parquet": "LAION-Aesthetics V2 6+ metadata: the parquet files of the Hugging Face dataset "
     "ChristophSchuhmann/improved_aesthetics_6plus, concatenated",

@@ -91,7 +91,7 @@ ABLATION_RUNS = (
     _sp_ablation("train_sp_round2", init="train_sp", perceptual="freeze_sp"),
 )
 
-# The peers (README, "Peers"): each fine-tunes the MSE model for as many steps, at the same rate, as
+# The peers (docs/peers.md): each fine-tunes the MSE model for as many steps, at the same rate, as
 # SP does; "MSE, continued" is the same with the MSE loss, the control for the extra steps.
 PEER_RUNS = (
     TrainRun("train_mse_continued", "mse", "text", init="train_mse", steps_of="sp"),

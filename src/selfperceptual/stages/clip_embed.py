@@ -1,7 +1,7 @@
 """clip_embed: clip-retrieval's ``inference`` over the downloaded webdataset shards: the CLIP image
 and text embedding of every training sample, with its metadata, in clip-retrieval's own layout
 (``embeddings/img_emb/``, ``text_emb/``, ``metadata/``). clip-retrieval cannot share the pipeline's
-environment (README, "clip-retrieval"); it runs from its own, ``.venv-clip``, which this stage brings
+environment (docs/clip-retrieval.md); it runs from its own, ``.venv-clip``, which this stage brings
 up to date with ``make clip-env`` (made when missing, made again when its lock or .venv changed).
 The CLIP is ``clip.model`` (a Hugging Face folder or cached hub id), or the clip stage's tiny one
 (``--clip``), loaded as ``hf_clip:``.
