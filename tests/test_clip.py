@@ -80,7 +80,7 @@ def test_clip_retrieval_embeds_every_download_with_our_clip_and_the_filter_is_me
 
     from selfperceptual.data.shards import iter_samples
     from selfperceptual.io import read_json
-    from selfperceptual.stages.clip_embed import read_embeddings
+    from selfperceptual.data.embeddings import read_embeddings
 
     runs = smoke_stages
     run_stage("clip", tmp_path / "clip", "--images", runs / "download")

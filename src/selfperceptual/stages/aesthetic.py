@@ -15,8 +15,8 @@ import torch
 
 from .. import tracking
 from ..aesthetics import AestheticPredictor
+from ..data.embeddings import read_embeddings
 from ..io import write_json
-from .clip_embed import read_embeddings
 
 log = logging.getLogger("aesthetic")
 

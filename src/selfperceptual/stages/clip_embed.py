@@ -15,10 +15,8 @@ import os
 import subprocess
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
-
 from .. import tracking
+from ..data.embeddings import read_embeddings
 from ..data.shards import count_samples
 from ..io import write_json
 
@@ -58,19 +56,6 @@ def model_argument(config, clip_stage: Path | None) -> str:
     if clip_stage is None or not (clip_stage / "model" / "config.json").is_file():
         raise SystemExit(f"--clip {clip_stage}: no model/config.json; clip.model is null, so the clip stage's tiny CLIP is needed")
     return f"hf_clip:{(clip_stage / 'model').resolve()}"
-
-
-def read_embeddings(folder: Path) -> tuple[np.ndarray, np.ndarray, pd.DataFrame]:
-    """(image embeddings, text embeddings, metadata) of a clip_embed folder, in clip-retrieval's order."""
-    root = folder / "embeddings"
-    parts = sorted((root / "img_emb").glob("img_emb_*.npy"), key=lambda path: int(path.stem.rsplit("_", 1)[1]))
-    if not parts:
-        raise SystemExit(f"--embeddings {folder}: no embeddings/img_emb/*.npy; run its clip_embed stage")
-    numbers = [path.stem.rsplit("_", 1)[1] for path in parts]
-    images = np.concatenate([np.load(root / "img_emb" / f"img_emb_{n}.npy") for n in numbers])
-    texts = np.concatenate([np.load(root / "text_emb" / f"text_emb_{n}.npy") for n in numbers])
-    metadata = pd.concat([pd.read_parquet(root / "metadata" / f"metadata_{n}.parquet") for n in numbers], ignore_index=True)
-    return images, texts, metadata
 
 
 def run(args, config, scale, out):
