@@ -214,8 +214,8 @@ def differences(env: dict[str, str], server_env: dict[str, str]) -> list[str]:
 def serve(path: str, server_env: dict[str, str], imported_env: dict[str, str]) -> None:
     """Accepts commands at ``path`` until SIGTERM or its parent's exit, forking one process per
     command; then waits for the stages it started. A command is served when its environment is
-    ``server_env`` (the one the server started with) but for thread and temporary-file settings;
-    its fork has that environment plus ``imported_env``, what the imports set."""
+    ``server_env`` (the one the server started with) but for the settings ``differences`` leaves
+    out; its fork has the command's environment plus ``imported_env``, what the imports set."""
     parent = os.getppid()
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
@@ -238,14 +238,16 @@ def serve(path: str, server_env: dict[str, str], imported_env: dict[str, str]) -
                 if pid:
                     running[pid] = connection
             while running:
-                pid, wait_status = os.waitpid(-1, os.WNOHANG)
-                if not pid:
+                try:
+                    pid, wait_status = os.waitpid(-1, os.WNOHANG)
+                except ChildProcessError:
                     break
-                code = os.waitstatus_to_exitcode(wait_status)
+                if not pid or pid not in running:
+                    break
                 with running.pop(pid) as connection:
                     try:
-                        connection.sendall(_STATUS.pack(code))
-                    except OSError:
+                        connection.sendall(_STATUS.pack(os.waitstatus_to_exitcode(wait_status)))
+                    except OSError:  # the command is gone (and its stage with it)
                         pass
     finally:
         if listener.fileno() >= 0:
@@ -280,7 +282,10 @@ def _start(connection: socket.socket, server_env: dict, imported_env: dict, list
             imported = {key: value for key, value in imported_env.items() if key not in UNREAD}
             _become({**request["env"], **imported}, request["cwd"], fds, connection)
             raise _Stage(request["argv"])
-        connection.sendall(_STATUS.pack(pid))
+        try:
+            connection.sendall(_STATUS.pack(pid))
+        except OSError:  # the command is gone: its stage sees that and ends; it is still reaped
+            pass
         return pid
     except (OSError, ValueError, KeyError) as error:
         log.warning("a command could not be served: %s", error)
