@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import selectors
+import shutil
 import signal
 import socket
 import struct
@@ -133,9 +134,7 @@ class Server:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        for name in os.listdir(self.folder):
-            os.unlink(os.path.join(self.folder, name))
-        os.rmdir(self.folder)
+        shutil.rmtree(self.folder, ignore_errors=True)
 
 
 def not_wanted(local: bool) -> str | None:
@@ -172,12 +171,8 @@ def start(local: bool) -> Server | None:
 
 # The server's side ----------------------------------------------------------------------------
 
-# Imported once by the server: every stage, and what stages import when they run.
+# Imported once by the server besides every stage of cli.STAGES: what stages import when they run.
 PRELOAD = (
-    "selfperceptual.cli",
-    *(f"selfperceptual.stages.{name}" for name in (
-        "corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train", "aesthetic", "base", "featnet",
-        "encode", "train", "freeze", "sample", "evaluate", "figures", "report")),
     "mlflow", "mlflow.entities", "mlflow.store.tracking.sqlalchemy_store",
     "diffusers", "torchvision.models", "torch_fidelity.feature_extractor_inceptionv3", "PIL.Image",
 )
@@ -196,8 +191,10 @@ def preload() -> dict[str, str]:
     """Imports what stages use; returns the variables those imports set, as they would in a new process."""
     import importlib
 
+    from .cli import STAGES
+
     before = dict(os.environ)
-    for name in PRELOAD:
+    for name in (*(f"{__package__}.stages.{stage}" for stage in STAGES), *PRELOAD):
         importlib.import_module(name)
     for module, names in PRELOAD_NAMES:
         for name in names:
