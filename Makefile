@@ -26,12 +26,12 @@ setup: $(STAMP)
 
 # clip-retrieval's own environment (it pins numpy<2, pyarrow<16, webdataset<0.3 and open_clip<3, and
 # imports setuptools' pkg_resources), from its own lock, with .venv's torch build linked in rather than
-# installed twice (src/selfperceptual/clipenv.py). The clip_embed stage runs `make clip-env` the first
+# installed twice (src/selfperceptual/pipeline/clipenv.py). The clip_embed stage runs `make clip-env` the first
 # time it needs it.
 $(CLIP_STAMP): requirements-clip.lock $(STAMP)
 	rm -rf $(CLIP_VENV)
 	python3 -m venv $(CLIP_VENV)
-	$(PYTHON) -m selfperceptual.clipenv $(CLIP_VENV)
+	$(PYTHON) -m selfperceptual.pipeline.clipenv $(CLIP_VENV)
 	$(CLIP_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(CLIP_VENV)/bin/python -m pip install --quiet --no-deps -r requirements-clip.lock
 	$(CLIP_VENV)/bin/python -m pip check
@@ -46,10 +46,10 @@ run: setup
 test: setup
 	$(PYTHON) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
 
-# After editing src/selfperceptual/dag.py or config.py: regenerate dvc.yaml and the params schema.
+# After editing src/selfperceptual/pipeline/dag.py or config.py: regenerate dvc.yaml and the params schema.
 generate: setup
-	$(PYTHON) -m selfperceptual.dag --write dvc.yaml
-	$(PYTHON) -m selfperceptual.config workflow/schemas/params.schema.json
+	$(PYTHON) -m selfperceptual.pipeline.dag --write dvc.yaml
+	$(PYTHON) -m selfperceptual.pipeline.config workflow/schemas/params.schema.json
 
 clean-runs:
 	rm -rf runs/$(SCALE)

@@ -1,4 +1,4 @@
-# The pipeline for Snakemake. Its rules are made from src/selfperceptual/dag.py, the same
+# The pipeline for Snakemake. Its rules are made from src/selfperceptual/pipeline/dag.py, the same
 # description dvc.yaml is generated from, so both tools run the same commands on the same paths.
 #   snakemake --cores all                      # the scale params.yaml names (local)
 #   snakemake --cores all --config scale=smoke
@@ -11,11 +11,11 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from selfperceptual import tracking, warm
-from selfperceptual.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
-from selfperceptual.config import ParamsError, load_params
-from selfperceptual.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
-from selfperceptual.experiments import RELEASED_ROWS
+from selfperceptual.pipeline import tracking, warm
+from selfperceptual.pipeline.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
+from selfperceptual.pipeline.config import ParamsError, load_params
+from selfperceptual.pipeline.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
+from selfperceptual.pipeline.experiments import RELEASED_ROWS
 
 configfile: PARAMS_FILE
 
@@ -69,7 +69,7 @@ if CONFIG.authors:
 
 
 # Stages run here start in a second, forked from a server that has done their imports
-# (src/selfperceptual/warm.py; SP_WARM_STAGES=0 turns it off).
+# (src/selfperceptual/pipeline/warm.py; SP_WARM_STAGES=0 turns it off).
 WARM = []
 
 

@@ -26,7 +26,7 @@ LATENT, TOKENS, WIDTH = (4, 32, 32), 77, 256
 
 
 def write_data(folder: Path, samples: int, shard_size: int) -> None:
-    from selfperceptual.data.latents import ShardWriter
+    from selfperceptual.pipeline.data.latents import ShardWriter
 
     generator = torch.Generator().manual_seed(0)
     writer = ShardWriter(folder, shard_size)
@@ -40,11 +40,11 @@ def write_data(folder: Path, samples: int, shard_size: int) -> None:
 
 def train_and_measure(folder: Path, steps: int) -> int:
     """Runs the training loop on ``folder``; returns this process's peak RSS in KiB."""
-    from selfperceptual.config import load_params
-    from selfperceptual.losses import MSELoss
-    from selfperceptual.models import build_unet
-    from selfperceptual.schedule import Schedule
-    from selfperceptual.training import LatentData, train
+    from selfperceptual.pipeline.config import load_params
+    from selfperceptual.method.losses import MSELoss
+    from selfperceptual.method.models import build_unet
+    from selfperceptual.method.schedule import Schedule
+    from selfperceptual.pipeline.training import LatentData, train
 
     config = load_params(Path(__file__).resolve().parents[1] / "params.yaml", "smoke")[1]
     settings = config.train.model_copy(update={"global_batch": 32, "max_per_device_batch": 32})

@@ -29,14 +29,14 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-VARIANTS = ("mse", "sp", "naive", "lpl", "casdm")
+VARIANTS = ("mse", "sp", "naive", "lpl", "casdm")  # "naive": this benchmark's own port of Algorithm 1; the others, registered objectives
 
 
 def build(shape: str):
     """(unet, text length, text width, latent side) for the local scale's UNet or SD 2.1-base's."""
     from diffusers import UNet2DConditionModel
 
-    from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
+    from selfperceptual.method.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
 
     if shape == "sd21":
         return UNet2DConditionModel(**SD21_BASE_UNET), SD21_TEXT_TOKENS, SD21_BASE_UNET["cross_attention_dim"], 64
@@ -47,29 +47,49 @@ def build(shape: str):
 
 
 def local_config():
-    from selfperceptual.config import load_params
+    from selfperceptual.pipeline.config import load_params
 
     return load_params(REPO / "params.yaml", "local")[1]
 
 
-def build_peer_parts(shape: str, folder: Path):
-    """(vae, LPIPS) for the peers: the local scale's tiny VAE and evaluation network, or SD 2.1-base's
-    VAE and LPIPS over VGG16 (random weights: the cost, not the values)."""
+def objective_parts(name: str, shape: str, unet, folder: Path, schedule):
+    """(the trained model, its loss) of a registered objective on ``unet``, made as the train stage
+    makes them (method.objectives), from the local scale's settings. The inputs an objective reads
+    are written to ``folder`` first: SP's f* (a freeze folder of ``unet``); Cas-DM's LPIPS network,
+    the local scale's evaluation network or, for sd21, VGG16 with random weights (the cost, not the
+    values). LPL and Cas-DM decode with the shape's VAE."""
+    from types import SimpleNamespace
+
     from diffusers import AutoencoderKL
 
-    from selfperceptual.casdm import BackboneLPIPS, FeatnetLPIPS
-    from selfperceptual.models import SD21_BASE_VAE, build_vae
-    from selfperceptual.rehearsal import write_vgg_weights
-
-    if shape == "sd21":
-        write_vgg_weights(folder / "vgg16.pth", seed=0)
-        return AutoencoderKL(**SD21_BASE_VAE), BackboneLPIPS("vgg", folder / "vgg16.pth")
-    from selfperceptual.data.corpus import NUM_CLASSES
-    from selfperceptual.evaluation import TinyFeatureNet
+    from selfperceptual.method import objectives
+    from selfperceptual.method.featnet import TinyFeatureNet
+    from selfperceptual.method.models import SD21_BASE_VAE, build_vae
+    from selfperceptual.pipeline.data.corpus import NUM_CLASSES
+    from selfperceptual.pipeline.rehearsal import write_vgg_weights
 
     config = local_config()
-    vae = build_vae(config.base.vae, config.download.resolution, seed=0)
-    return vae, FeatnetLPIPS(TinyFeatureNet(NUM_CLASSES, config.featnet.feature_dim))
+    objective, settings = objectives.get(name), config.train.objective(name)
+    vae = AutoencoderKL(**SD21_BASE_VAE) if shape == "sd21" else build_vae(config.base.vae, config.download.resolution, seed=0)
+    inputs = {}
+    for input_name in objective.inputs:  # every input an objective may read, written as its stage writes it
+        inputs[input_name] = folder / input_name
+        inputs[input_name].mkdir(parents=True, exist_ok=True)
+    if "perceptual" in inputs:
+        unet.save_pretrained(inputs["perceptual"] / "network", safe_serialization=True)
+    if "metric" in inputs:
+        TinyFeatureNet(NUM_CLASSES, config.featnet.feature_dim).save(inputs["metric"])
+    if shape == "sd21" and "metric" in objective.inputs:  # SD's size: LPIPS over VGG16, as at the paper scale
+        write_vgg_weights(folder / "vgg16.pth", seed=0)
+        settings = settings.model_copy(update={"metric": "vgg", "metric_weights": str(folder / "vgg16.pth")})
+    pipeline = SimpleNamespace(unet=unet, vae=vae)
+    model = objective.trained_model(pipeline, schedule)
+    return model, objective.loss(settings, schedule, pipeline, {key: inputs[key] for key in objective.needs(settings)})
+
+
+def loss_networks(loss_fn) -> list[torch.nn.Module]:
+    """The networks a loss holds of its own (f*, the VAE, LPIPS)."""
+    return [value for value in vars(loss_fn).values() if isinstance(value, torch.nn.Module)]
 
 
 class NaiveSelfPerceptual:
@@ -101,31 +121,24 @@ class NaiveSelfPerceptual:
 def measure(variant: str, args) -> dict:
     import tempfile
 
-    from selfperceptual.casdm import CascadedUNet, module_two
-    from selfperceptual.losses import CascadeLoss, LatentPerceptualLoss, MSELoss, SelfPerceptualLoss
-    from selfperceptual.schedule import Schedule
-    from selfperceptual.unet import Denoiser, PerceptualNetwork
+    from selfperceptual.method import objectives
+    from selfperceptual.method.schedule import Schedule
 
     torch.manual_seed(0)
     device, dtype = torch.device(args.device), getattr(torch, args.dtype)
     unet, length, width, latent = build(args.shape)
     latent = args.latent or latent
-    unet.to(device, dtype).train()
     schedule = Schedule.zero_snr()
-    model, denoiser = unet, Denoiser(unet)
-    if variant in ("lpl", "casdm"):
+    if variant == "naive":  # its full frozen copy is made of the UNet in the step's dtype
+        model = unet.to(device, dtype)
+        denoiser, loss_fn = objectives.get("mse").denoiser(model), NaiveSelfPerceptual(schedule, model)
+    else:
         with tempfile.TemporaryDirectory() as folder:
-            vae, metric = build_peer_parts(args.shape, Path(folder))
-        vae.to(device, dtype)
-    if variant == "casdm":
-        model = denoiser = CascadedUNet(unet, module_two(unet), schedule).to(device, dtype).train()
-    loss_fn = {
-        "mse": lambda: MSELoss(schedule),
-        "sp": lambda: SelfPerceptualLoss(schedule, PerceptualNetwork.frozen_copy(unet, "midblock")),
-        "naive": lambda: NaiveSelfPerceptual(schedule, unet),
-        "lpl": lambda: LatentPerceptualLoss(schedule, vae),
-        "casdm": lambda: CascadeLoss(schedule, vae, metric.to(device, dtype)),
-    }[variant]()
+            model, loss_fn = objective_parts(variant, args.shape, unet, Path(folder), schedule)
+        denoiser = objectives.get(variant).denoiser(model)
+        for network in loss_networks(loss_fn):
+            network.to(device, dtype)
+    model.to(device, dtype).train()
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     generator = torch.Generator().manual_seed(0)  # every variant draws its noise on the CPU, as training does
     x0 = torch.randn(args.batch, 4, latent, latent, generator=generator, dtype=dtype).to(device)

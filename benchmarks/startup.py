@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from selfperceptual.cli import STAGES
+from selfperceptual.pipeline.cli import STAGES
 
 
 def seconds(stage: str | None, src: str | None) -> float:

@@ -12,7 +12,7 @@ RSS). Figures:
 
 - images/s over the timed steps (after ``--warmup`` steps);
 - MFU: images/s x FLOPs per image / the GPU's dense bf16 peak (``--gpu`` or ``--peak-tflops``);
-  FLOPs per image are counted by ``selfperceptual.cost`` (PyTorch's FlopCounterMode) on one step of
+  FLOPs per image are counted by ``selfperceptual.pipeline.cost`` (PyTorch's FlopCounterMode) on one step of
   this very model and loss, so they hold for any shape;
 - the fraction of loop time spent waiting for the next step's inputs.
 
@@ -40,12 +40,12 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-OBJECTIVES = ("mse", "sp", "lpl", "casdm")
+OBJECTIVES = ("mse", "sp", "lpl", "casdm")  # registered objectives (method.objectives), measured in this order
 
 
 def write_shards(folder: Path, count: int, latent: int, length: int, width: int) -> None:
     """``count`` samples of random latents and text embeddings, as the encode stage writes them."""
-    from selfperceptual.data.latents import ShardWriter
+    from selfperceptual.pipeline.data.latents import ShardWriter
 
     generator = torch.Generator().manual_seed(0)
     writer = ShardWriter(folder, shard_size=64)
@@ -57,38 +57,16 @@ def write_shards(folder: Path, count: int, latent: int, length: int, width: int)
     writer.close(torch.zeros(1, length, width).half())
 
 
-def objective_parts(objective: str, shape: str, unet, folder: Path):
-    """(the trained model, its loss) for an objective, on ``unet``: SP's frozen copy is of ``unet``;
-    LPL and Cas-DM use the shape's VAE, Cas-DM LPIPS (as benchmarks/sp_step.py builds them)."""
-    from sp_step import build_peer_parts
-
-    from selfperceptual.casdm import CascadedUNet, module_two
-    from selfperceptual.losses import CascadeLoss, LatentPerceptualLoss, MSELoss, SelfPerceptualLoss
-    from selfperceptual.schedule import Schedule
-    from selfperceptual.unet import PerceptualNetwork
-
-    schedule = Schedule.zero_snr()
-    if objective == "mse":
-        return unet, MSELoss(schedule)
-    if objective == "sp":
-        return unet, SelfPerceptualLoss(schedule, PerceptualNetwork.frozen_copy(unet, "midblock"))
-    vae, metric = build_peer_parts("local" if shape == "smoke" else shape, folder)
-    if objective == "lpl":
-        return unet, LatentPerceptualLoss(schedule, vae)
-    return CascadedUNet(unet, module_two(unet), schedule), CascadeLoss(schedule, vae, metric)
-
-
-def flops_per_image(model, loss_fn, data, objective_config, train_config, device) -> float:
+def flops_per_image(objective: str, model, loss_fn, data, objective_config, train_config, device) -> float:
     """One training step of ``model`` and ``loss_fn`` on a micro-batch, counted, per image."""
-    from selfperceptual.casdm import CascadedUNet
-    from selfperceptual.cost import count_flops
-    from selfperceptual.distributed import sample_generators
-    from selfperceptual.unet import Denoiser
+    from selfperceptual.method import objectives
+    from selfperceptual.pipeline.cost import count_flops
+    from selfperceptual.pipeline.distributed import sample_generators
 
     generators = sample_generators(0, 0, range(train_config.max_per_device_batch))
     x0, context = data.batch(generators, objective_config.condition_dropout, "text")
     draws = loss_fn.draw(x0, generators)
-    denoiser = model if isinstance(model, CascadedUNet) else Denoiser(model)
+    denoiser = objectives.get(objective).denoiser(model)
     loss_fn.to(device)
 
     def step():
@@ -101,11 +79,13 @@ def flops_per_image(model, loss_fn, data, objective_config, train_config, device
 
 
 def measure(objective: str, args) -> dict:
-    from selfperceptual.config import load_params
-    from selfperceptual.data.latents import LatentData
-    from selfperceptual.distributed import BatchPlan
-    from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
-    from selfperceptual.training import train
+    from selfperceptual.pipeline.config import load_params
+    from selfperceptual.pipeline.data.latents import LatentData
+    from selfperceptual.pipeline.distributed import BatchPlan
+    from selfperceptual.method.models import SD21_BASE_UNET, SD21_TEXT_TOKENS, build_unet
+    from selfperceptual.method.schedule import Schedule
+    from selfperceptual.pipeline.training import train
+    from sp_step import objective_parts
 
     torch.manual_seed(0)
     config = load_params(REPO / "params.yaml", "smoke")[1]
@@ -125,16 +105,16 @@ def measure(objective: str, args) -> dict:
     memory = {}
     if args.paper_batches:
         paper = load_params(REPO / "params.yaml", "paper")[1]
-        memory = {key: getattr(getattr(paper.train, objective), key) for key in ("max_per_device_batch", "gradient_checkpointing")}
+        memory = {key: getattr(paper.train.objective(objective), key) for key in ("max_per_device_batch", "gradient_checkpointing")}
         train_config = train_config.model_copy(update={"global_batch": paper.train.global_batch // paper.resources.train.gpus,
                                                        "max_per_device_batch": paper.train.max_per_device_batch})
-    objective_config = getattr(train_config, objective).model_copy(update={"num_steps": steps, **memory})
+    objective_config = train_config.objective(objective).model_copy(update={"num_steps": steps, **memory})
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with tempfile.TemporaryDirectory() as folder:
         write_shards(Path(folder) / "shards", args.samples, latent, length, width)
         data = LatentData([Path(folder) / "shards"])
-        model, loss_fn = objective_parts(objective, args.shape, unet, Path(folder))
-        per_image = flops_per_image(model.to(device), loss_fn, data, objective_config, train_config, device)
+        model, loss_fn = objective_parts(objective, args.shape, unet, Path(folder), Schedule.zero_snr())
+        per_image = flops_per_image(objective, model.to(device), loss_fn, data, objective_config, train_config, device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
         timed = {}
@@ -148,7 +128,7 @@ def measure(objective: str, args) -> dict:
                 pass
 
         train_config = train_config.model_copy(update={"log_every_steps": args.warmup})
-        result = train(model, data, loss_fn, objective_config, train_config, "text", 1000, None, Clock())
+        result = train(model, data, loss_fn, objective_config, train_config, "text", 1000, None, Clock(), objective)
     (first_step, first_time), (last_step, last_time) = timed["first"], timed["last"]
     images_per_s = (last_step - first_step) * train_config.global_batch / (last_time - first_time)
     peak = torch.cuda.max_memory_allocated() if device.type == "cuda" else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
@@ -160,7 +140,7 @@ def measure(objective: str, args) -> dict:
 
 
 def main() -> None:
-    from selfperceptual.cost import PEAK_BF16_TFLOPS
+    from selfperceptual.pipeline.cost import PEAK_BF16_TFLOPS
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shape", choices=("smoke", "sd21"), default="smoke", help="the smoke scale's UNet (params.yaml) or SD 2.1-base's")

@@ -68,14 +68,14 @@ def repo() -> Path:
 
 @pytest.fixture(scope="session")
 def smoke_config():
-    from selfperceptual.config import load_params
+    from selfperceptual.pipeline.config import load_params
 
     return load_params(REPO / "params.yaml", "smoke")[1]
 
 
 @pytest.fixture
 def tiny_unet():
-    from selfperceptual.models import build_unet
+    from selfperceptual.method.models import build_unet
 
     settings = SimpleNamespace(block_out_channels=[16, 32], layers_per_block=1, attention_heads=2, norm_num_groups=8)
     return build_unet(settings, sample_size=8, latent_channels=4, cross_attention_dim=32, seed=0)
@@ -93,7 +93,7 @@ def latents():
 
 def run_stage(stage: str, out, *arguments, scale: str = "smoke", params=REPO / "params.yaml") -> None:
     """Runs one real stage entry point in this process (what Snakemake and DVC run as a command)."""
-    from selfperceptual.cli import main
+    from selfperceptual.pipeline.cli import main
 
     code = main([stage, "--params", str(params), "--scale", scale, "--out", str(out), *map(str, arguments)])
     assert code == 0, f"{stage} exited with {code}"
@@ -126,7 +126,7 @@ def smoke_stages(tmp_path_factory):
 @pytest.fixture(scope="session")
 def rehearsal_inputs(tmp_path_factory):
     """A small set of the rehearsal scale's inputs (LAION and COCO files, SD 2.1's layout, Inception)."""
-    from selfperceptual.rehearsal import write_inputs
+    from selfperceptual.pipeline.rehearsal import write_inputs
 
     def make(folder):
         write_inputs(folder / "data", "http://127.0.0.1:9", num_laion_rows=60, num_coco_images=8)

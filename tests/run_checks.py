@@ -4,10 +4,10 @@ import json
 
 import mlflow
 
-from selfperceptual.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED
-from selfperceptual.config import load_params
-from selfperceptual.dag import build_stages
-from selfperceptual.experiments import PEERS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
+from selfperceptual.pipeline.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED
+from selfperceptual.pipeline.config import load_params
+from selfperceptual.pipeline.dag import build_stages
+from selfperceptual.pipeline.experiments import PEERS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
 
 VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
 

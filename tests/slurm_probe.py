@@ -13,7 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from selfperceptual.distributed import NODE_LAUNCHER_ENV, launch_command, launch_environment
+from selfperceptual.pipeline.distributed import NODE_LAUNCHER_ENV, launch_command, launch_environment
 
 
 def main(out: Path, kind: str) -> None:

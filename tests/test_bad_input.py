@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 from workspace import serve
 
-from selfperceptual.cli import main
-from selfperceptual.config import ParamsError, load_params
-from selfperceptual.data.shards import iter_samples
+from selfperceptual.pipeline.cli import main
+from selfperceptual.pipeline.config import ParamsError, load_params
+from selfperceptual.pipeline.data.shards import iter_samples
 
 
 def stage(capsys, repo, name, out, *arguments, params=None, scale="smoke"):
@@ -25,8 +25,8 @@ def stage(capsys, repo, name, out, *arguments, params=None, scale="smoke"):
         code = main(argv)
     except SystemExit as stop:  # a stage's clear error: Python prints it and exits 1
         code, message = (1, str(stop.code)) if isinstance(stop.code, str) else (stop.code, "")
-    else:
-        message = capsys.readouterr().err.removeprefix("error: ")
+    else:  # the command line's own message: its "error: " line (progress bars and logs come before it)
+        message = next((line.removeprefix("error: ") for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")), "")
     return code, message.strip().splitlines()[0] if message.strip() else ""
 
 

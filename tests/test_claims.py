@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
 
-from selfperceptual.claims import (
+from selfperceptual.pipeline.claims import (
     CLAIMS,
     CONTRADICTED,
     NOT_EVALUATED,
@@ -18,7 +18,7 @@ from selfperceptual.claims import (
     judge,
     verdict,
 )
-from selfperceptual.intervals import FrechetToReference, bootstrap, over_seeds
+from selfperceptual.pipeline.intervals import FrechetToReference, bootstrap, over_seeds
 
 DIM, IMAGES = 8, 300
 ROWS = sorted({row for claim in CLAIMS for difference in claim.differences for row in difference.rows})

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from selfperceptual.aesthetics import AestheticPredictor, train_predictor
-from selfperceptual.tinyclip import CONTEXT_LENGTH, image_embeddings, openai_tokenizer, train_tiny_clip, write_tokenizer
+from selfperceptual.pipeline.aesthetics import AestheticPredictor, train_predictor
+from selfperceptual.pipeline.tinyclip import CONTEXT_LENGTH, image_embeddings, openai_tokenizer, train_tiny_clip, write_tokenizer
 
 
 def _clip_tokenize(simple, texts):
@@ -36,7 +36,7 @@ def test_the_tokenizer_files_give_clip_retrievals_ids(tmp_path):
 def test_a_tiny_clip_learns_which_caption_goes_with_which_image(tmp_path):
     from types import SimpleNamespace
 
-    from selfperceptual.data.corpus import random_scene, render
+    from selfperceptual.pipeline.data.corpus import random_scene, render
 
     rng = np.random.default_rng(0)
     scenes = [random_scene(rng) for _ in range(96)]
@@ -78,9 +78,9 @@ def test_clip_retrieval_embeds_every_download_with_our_clip_and_the_filter_is_me
     here if missing), the tiny predictor and the re-applied threshold."""
     from conftest import run_stage
 
-    from selfperceptual.data.shards import iter_samples
-    from selfperceptual.io import read_json
-    from selfperceptual.data.embeddings import read_embeddings
+    from selfperceptual.pipeline.data.shards import iter_samples
+    from selfperceptual.pipeline.io import read_json
+    from selfperceptual.pipeline.data.embeddings import read_embeddings
 
     runs = smoke_stages
     run_stage("clip", tmp_path / "clip", "--images", runs / "download")
@@ -103,7 +103,7 @@ def test_clip_retrieval_embeds_every_download_with_our_clip_and_the_filter_is_me
 
 
 def test_the_clip_environment_links_venvs_torch_build_and_refuses_a_different_one(tmp_path):
-    from selfperceptual.clipenv import link_torch
+    from selfperceptual.pipeline.clipenv import link_torch
 
     site = tmp_path / "env" / "lib" / f"python{sys.version_info.major}.{sys.version_info.minor}" / "site-packages"
     site.mkdir(parents=True)
@@ -121,7 +121,7 @@ def test_the_clip_environment_links_venvs_torch_build_and_refuses_a_different_on
 
 
 def test_clip_embed_names_how_to_make_an_environment_it_is_pointed_at(tmp_path, monkeypatch):
-    from selfperceptual.stages.clip_embed import CLIP_ENV_VARIABLE, clip_retrieval
+    from selfperceptual.pipeline.stages.clip_embed import CLIP_ENV_VARIABLE, clip_retrieval
 
     monkeypatch.setenv(CLIP_ENV_VARIABLE, str(tmp_path / "env"))
     with pytest.raises(SystemExit, match=f"make clip-env CLIP_VENV={tmp_path / 'env'}"):

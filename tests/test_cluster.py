@@ -6,9 +6,9 @@ import pytest
 import yaml
 from workspace import copy_repository, run
 
-from selfperceptual.cluster import STOP_SIGNAL_LEAD_S, TRAIN_RETRIES, ClusterSettingsError, chain_length, cluster_settings, retries, rule_resources, slurm_minutes
-from selfperceptual.config import load_params
-from selfperceptual.distributed import STOP_GRACE_S
+from selfperceptual.pipeline.cluster import STOP_SIGNAL_LEAD_S, TRAIN_RETRIES, ClusterSettingsError, chain_length, cluster_settings, retries, rule_resources, slurm_minutes
+from selfperceptual.pipeline.config import load_params
+from selfperceptual.pipeline.distributed import STOP_GRACE_S
 
 
 def test_gpu_settings_go_only_to_jobs_that_ask_for_gpus(repo):
@@ -55,11 +55,11 @@ def test_the_plan_splits_stages_and_carries_resources(tmp_path):
 
 
 def test_readme_shows_what_the_paper_scale_asks_for(repo):
-    from selfperceptual.cluster import resource_table
+    from selfperceptual.pipeline.cluster import resource_table
 
     table = resource_table(load_params(repo / "params.yaml", "paper")[1], {"max_runtime": "2-00:00:00"})
     assert "| `train` | 15 | 1 | 64 | 512 GB | 8 | 321 h | 7 | 48 h |" in table
-    assert table in (repo / "docs" / "cluster.md").read_text(), "docs/cluster.md's table is stale: python -m selfperceptual.cluster paper --max-runtime 2-00:00:00"
+    assert table in (repo / "docs" / "cluster.md").read_text(), "docs/cluster.md's table is stale: python -m selfperceptual.pipeline.cluster paper --max-runtime 2-00:00:00"
 
 
 def test_training_longer_than_the_clusters_limit_runs_as_a_chain_of_jobs(repo):

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from selfperceptual.config import SCALES, ParamsError, load_params, validate_params
+from selfperceptual.pipeline.config import SCALES, ParamsError, load_params, validate_params
 
 
 @pytest.fixture
@@ -135,13 +135,13 @@ def test_unknown_scale_and_top_level_key(raw, tmp_path):
 def test_schema_file_is_generated_from_the_config(repo):
     import json
 
-    from selfperceptual.config import json_schema
+    from selfperceptual.pipeline.config import json_schema
 
     assert json.loads((repo / "workflow/schemas/params.schema.json").read_text()) == json_schema(), "run: make generate"
 
 
 def test_set_overrides_one_key_and_validates_it(repo):
-    from selfperceptual.config import load_params
+    from selfperceptual.pipeline.config import load_params
 
     _, config = load_params(repo / "params.yaml", "smoke", ["train.sp.layer=encoder", "train.sp.learning_rate=2.0e-4"])
     assert (config.train.sp.layer, config.train.sp.learning_rate) == ("encoder", 2.0e-4)

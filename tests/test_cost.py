@@ -3,8 +3,8 @@ that follow from them."""
 
 import pytest
 
-from selfperceptual.config import load_params
-from selfperceptual.cost import MARGIN, PEAK_BF16_TFLOPS, estimate, network_flops, time_limits, train_flops_per_image
+from selfperceptual.pipeline.config import load_params
+from selfperceptual.pipeline.cost import MARGIN, PEAK_BF16_TFLOPS, estimate, network_flops, time_limits, train_flops_per_image
 
 # One pytest-xdist worker for the module: the FLOP counts of SD 2.1-base's networks (about 30 s of
 # counting on the meta device) are cached in the process, and each test here needs them.
@@ -13,20 +13,22 @@ pytestmark = pytest.mark.xdist_group("cost")
 
 @pytest.fixture(scope="module")
 def paper(repo):
-    from selfperceptual.config import load_params
+    from selfperceptual.pipeline.config import load_params
 
     return load_params(repo / "params.yaml", "paper")[1]
 
 
-def test_counts_match_the_known_shape_of_the_sp_step():
+def test_counts_match_the_known_shape_of_the_sp_step(paper):
     counts = network_flops(512)
     assert 0.75e12 < counts["unet_forward"] < 0.85e12  # SD 2.1-base's UNet at 64x64 latents, 77 tokens
     assert counts["unet_train"] == pytest.approx(3 * counts["unet_forward"], rel=0.02)  # forward + two backward matmuls
     # DESIGN: f* up to the mid block costs about 0.3 of a full forward
     assert 0.2 < counts["frozen_forward"] / counts["unet_forward"] < 0.45
-    mse, sp = train_flops_per_image(512, "mse", "midblock"), train_flops_per_image(512, "sp", "midblock")
+    settings = paper.train
+    mse, sp = train_flops_per_image(512, "mse", settings.mse), train_flops_per_image(512, "sp", settings.sp)
     assert 1.2 < sp / mse < 1.5
-    assert train_flops_per_image(512, "sp", "decoder") > sp  # the decoder ablation keeps the up blocks
+    decoder = settings.sp.model_copy(update={"layer": "decoder"})
+    assert train_flops_per_image(512, "sp", decoder) > sp  # the decoder ablation keeps the up blocks
 
 
 def test_paper_time_limits_follow_from_the_cost_table(paper):

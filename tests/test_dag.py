@@ -12,12 +12,12 @@ import pytest
 import yaml
 from workspace import copy_repository, run
 
-from selfperceptual.config import SCALES, load_params
-from selfperceptual.dag import EXTERNAL_INPUTS, build_stages, missing_external_inputs, render_dvc_yaml
+from selfperceptual.pipeline.config import SCALES, load_params
+from selfperceptual.pipeline.dag import build_stages, external_inputs, missing_external_inputs, render_dvc_yaml
 
 
 def test_dvc_yaml_is_generated_from_the_dag(repo):
-    assert (repo / "dvc.yaml").read_text() == render_dvc_yaml(), "run: python -m selfperceptual.dag --write dvc.yaml"
+    assert (repo / "dvc.yaml").read_text() == render_dvc_yaml(), "run: python -m selfperceptual.pipeline.dag --write dvc.yaml"
 
 
 @pytest.mark.parametrize("scale", SCALES)
@@ -72,7 +72,7 @@ def _dvc_stages(repo):
 
 
 def test_training_seeds_repeat_the_table_1_and_8_runs_and_rows_only(repo):
-    from selfperceptual.experiments import SAMPLE_ROWS, TRAIN_RUNS
+    from selfperceptual.pipeline.experiments import SAMPLE_ROWS, TRAIN_RUNS
 
     one = {stage.name: stage for stage in build_stages(load_params(repo / "params.yaml", "local", ["train.seeds=1"])[1])}
     three = {stage.name: stage for stage in build_stages(load_params(repo / "params.yaml", "local", ["train.seeds=3", "train.seed=5"])[1])}
@@ -132,7 +132,7 @@ def test_paper_scale_lists_the_full_plan_when_inputs_exist(tmp_path, rehearsal_i
     paths for the data and Inception's weights, the Hugging Face cache for the hub models."""
     copy = copy_repository(tmp_path)
     (copy / "data").mkdir(exist_ok=True)
-    (copy / "data" / "rehearsal").symlink_to(rehearsal_inputs)  # what `python -m selfperceptual.rehearsal data/rehearsal` writes
+    (copy / "data" / "rehearsal").symlink_to(rehearsal_inputs)  # what `python -m selfperceptual.pipeline.rehearsal data/rehearsal` writes
     paper, rehearsal = (load_params(copy / "params.yaml", scale)[1] for scale in ("paper", "rehearsal"))
     for key in ("laion_parquet", "coco_captions", "coco_images"):
         (copy / getattr(paper.corpus, key)).parent.mkdir(parents=True, exist_ok=True)
@@ -175,7 +175,7 @@ def test_a_dvc_yaml_behind_params_yaml_is_named_and_not_committed_to(tmp_path):
     params.write_text(text[:local] + re.sub(r"\n    seeds: \d+", "\n    seeds: 4", text[local:], count=1))
     result = run([sys.executable, "-m", "snakemake", "-n"], copy)
     assert "dvc.yaml does not match params.yaml" in result.stdout + result.stderr and "rule train_sp_seed3:" in result.stdout
-    run([sys.executable, "-m", "selfperceptual.dag", "--write", "dvc.yaml"], copy)
+    run([sys.executable, "-m", "selfperceptual.pipeline.dag", "--write", "dvc.yaml"], copy)
     result = run([sys.executable, "-m", "snakemake", "-n"], copy)
     assert "dvc.yaml does not match" not in result.stdout + result.stderr
 
@@ -185,7 +185,7 @@ def test_the_docs_list_every_external_input_the_paper_scale_checks(repo):
     listed six of eleven)."""
     section = (repo / "docs" / "scales.md").read_text().split("## The paper scale", 1)[1].split("\n## ", 1)[0]
     listed = set(re.findall(r"`([a-z_]+\.[a-z_.]+)`", section))
-    checked = set(EXTERNAL_INPUTS)
+    checked = set(external_inputs())
     named = {line.split(":", 1)[0] for line in missing_external_inputs(load_params(repo / "params.yaml", "paper")[1])}
     assert named <= checked and len(checked) == 11
     assert checked <= listed, sorted(checked - listed)

@@ -3,9 +3,9 @@
 import pandas as pd
 import pytest
 
-from selfperceptual.data.corpus import COLORS, LAION_COLUMNS, SHAPES, build_synthetic
-from selfperceptual.data.filtering import filter_rows
-from selfperceptual.data.shards import iter_samples
+from selfperceptual.pipeline.data.corpus import COLORS, LAION_COLUMNS, SHAPES, build_synthetic
+from selfperceptual.pipeline.data.filtering import filter_rows
+from selfperceptual.pipeline.data.shards import iter_samples
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +56,7 @@ def test_filter_can_remove_everything(corpus, smoke_config):
 
 
 def test_download_stage_fetches_with_img2dataset_and_counts_failures(corpus, repo, tmp_path):
-    from selfperceptual.cli import main
+    from selfperceptual.pipeline.cli import main
 
     out, _ = corpus
     assert main(["filter", "--params", str(repo / "params.yaml"), "--scale", "smoke", "--corpus", str(out), "--out", str(tmp_path / "filter")]) == 0

@@ -6,9 +6,9 @@ from conftest import run_stage
 from diffusers.models.attention_processor import AttnProcessor2_0
 from PIL import Image
 
-from selfperceptual.device import runtime
-from selfperceptual.models import load_pipeline
-from selfperceptual.training import LatentData
+from selfperceptual.method.device import runtime
+from selfperceptual.method.models import load_pipeline
+from selfperceptual.pipeline.training import LatentData
 
 
 def test_runtime_places_models_with_sdpa_in_the_named_precision(tiny_unet):

@@ -14,12 +14,12 @@ from conftest import run_stage
 from test_training import _latent_folder
 from workspace import REPO, environment
 
-from selfperceptual.distributed import NODE_LAUNCHER_ENV, BatchPlan, launch_command
-from selfperceptual.losses import SelfPerceptualLoss
-from selfperceptual.models import load_unet
-from selfperceptual.schedule import Schedule
-from selfperceptual.training import train
-from selfperceptual.unet import PerceptualNetwork
+from selfperceptual.pipeline.distributed import NODE_LAUNCHER_ENV, BatchPlan, launch_command
+from selfperceptual.method.losses import SelfPerceptualLoss
+from selfperceptual.method.models import load_unet
+from selfperceptual.method.schedule import Schedule
+from selfperceptual.pipeline.training import train
+from selfperceptual.method.unet import PerceptualNetwork
 
 
 def assert_same_updates(start, one, two):
@@ -142,7 +142,7 @@ if os.environ.get("SLOW_CHECKPOINT_S") and os.environ.get("RANK") == "0":
     safetensors.torch.save_file = _slow_save_file
 """
 # What the train stage runs on a node with two GPUs: the launch command for two processes, through run_launch.
-LAUNCH = "import sys; from selfperceptual.distributed import launch_command, run_launch; sys.exit(run_launch(launch_command(sys.argv[1:], 2, {})))"
+LAUNCH = "import sys; from selfperceptual.pipeline.distributed import launch_command, run_launch; sys.exit(run_launch(launch_command(sys.argv[1:], 2, {})))"
 
 
 @pytest.mark.slow

@@ -6,10 +6,11 @@ import pytest
 import torch
 from PIL import Image
 
-from selfperceptual.device import runtime
-from selfperceptual.evaluation import (
+from selfperceptual.method.device import runtime
+from selfperceptual.method.errors import MissingComponent
+from selfperceptual.method.featnet import TinyFeatureNet
+from selfperceptual.pipeline.evaluation import (
     InceptionExtractor,
-    TinyFeatureNet,
     extract,
     inception_score,
     load_extractor,
@@ -72,7 +73,7 @@ def test_reference_images_are_distinct_and_centre_cropped_not_squashed(tmp_path)
 
 @pytest.fixture
 def inception_weights(rehearsal_inputs):
-    from selfperceptual.rehearsal import INCEPTION_FILE
+    from selfperceptual.pipeline.rehearsal import INCEPTION_FILE
 
     return rehearsal_inputs / "inception" / INCEPTION_FILE
 
@@ -80,7 +81,7 @@ def inception_weights(rehearsal_inputs):
 def test_inception_from_a_local_weights_file_gives_informative_features(inception_weights, tmp_path):
     from types import SimpleNamespace
 
-    from selfperceptual.data.corpus import random_scene, render
+    from selfperceptual.pipeline.data.corpus import random_scene, render
 
     rng = np.random.default_rng(3)
     images = [render(random_scene(rng), 48, 48, 7.0, rng) for _ in range(12)]
@@ -102,9 +103,9 @@ def test_missing_inception_weights_name_the_path_and_the_url(tmp_path):
 
 
 def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
-    from selfperceptual.data.corpus import NUM_CLASSES, make_heldout_split
-    from selfperceptual.data.shards import to_tensor
-    from selfperceptual.evaluation import train_feature_net
+    from selfperceptual.pipeline.data.corpus import NUM_CLASSES, make_heldout_split
+    from selfperceptual.pipeline.data.shards import to_tensor
+    from selfperceptual.pipeline.evaluation import train_feature_net
 
     folder = tmp_path / "featnet"
     folder.mkdir()
@@ -123,7 +124,7 @@ def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):
 def test_alignment_counts_samples_the_classifier_labels_as_their_caption(tmp_path):
     import pandas as pd
 
-    from selfperceptual.stages.evaluate import caption_labels, recognised
+    from selfperceptual.pipeline.stages.evaluate import caption_labels, recognised
 
     pd.DataFrame({"caption": ["a red circle", "a blue square", "a red circle"], "label": [3, 7, 3], "image": ["a", "b", "c"]}).to_parquet(tmp_path / "eval.parquet")
     labels = caption_labels(tmp_path)
@@ -143,8 +144,8 @@ def test_clip_score_is_the_cosine_of_each_image_with_its_own_caption(tmp_path):
     openai/clip-vit-large-patch14's layout with a tiny random model, as the rehearsal writes it)."""
     from transformers import CLIPModel, CLIPProcessor
 
-    from selfperceptual.evaluation import clip_scores
-    from selfperceptual.rehearsal import write_clip
+    from selfperceptual.pipeline.evaluation import clip_scores
+    from selfperceptual.pipeline.rehearsal import write_clip
 
     captions = ["a red circle on grass", "two blue squares", "a photo of a cat on a sofa", "a green star", "blue"]
     write_clip(tmp_path / "clip", seed=0)
@@ -162,5 +163,5 @@ def test_clip_score_is_the_cosine_of_each_image_with_its_own_caption(tmp_path):
     swapped = clip_scores(str(tmp_path / "clip"), images, [captions[1], captions[0], *captions[2:]], batch=5, device=runtime("fp32"))
     torch.testing.assert_close(swapped[2:], scores[2:], rtol=1e-4, atol=1e-4)  # batching changes nothing
     assert not torch.allclose(swapped[:2], scores[:2])  # each image is scored with its own caption
-    with pytest.raises(SystemExit, match="evaluate.clip .* is not a CLIP model folder"):
+    with pytest.raises(MissingComponent, match="evaluate.clip .* is not a CLIP model folder"):
         clip_scores(str(tmp_path / "nothing"), images, captions, batch=2, device=runtime("fp32"))

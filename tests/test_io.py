@@ -5,7 +5,7 @@ import stat
 import subprocess
 import sys
 
-from selfperceptual.io import HOST, atomic_dir, write_json
+from selfperceptual.pipeline.io import HOST, atomic_dir, write_json
 
 
 def test_stale_partials_of_killed_runs_are_removed_live_ones_kept(tmp_path):
@@ -34,7 +34,7 @@ def test_outputs_follow_the_umask_so_a_group_can_read_them(tmp_path):
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_removed_and_never_resumed(tmp_path):
-    from selfperceptual.checkpoints import CheckpointStore
+    from selfperceptual.pipeline.checkpoints import CheckpointStore
 
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
     (tmp_path / "checkpoints" / "step-00000010").mkdir(parents=True)
@@ -50,7 +50,7 @@ def test_images_decoded_and_written_on_threads_are_the_ones_done_in_line(tmp_pat
     import pytest
     from PIL import Image, ImageOps
 
-    from selfperceptual.io import background_writes, decode_images
+    from selfperceptual.pipeline.io import background_writes, decode_images
 
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)) for i in range(9)]

@@ -3,9 +3,9 @@
 import pytest
 import torch
 
-from selfperceptual.losses import T_PRIME_SAMPLERS, MSELoss, SelfPerceptualLoss
-from selfperceptual.schedule import Schedule
-from selfperceptual.unet import Denoiser, PerceptualNetwork
+from selfperceptual.method.losses import T_PRIME_SAMPLERS, MSELoss, SelfPerceptualLoss
+from selfperceptual.method.schedule import Schedule
+from selfperceptual.method.unet import Denoiser, PerceptualNetwork
 
 
 def _sp_loss(unet, **variant):
@@ -150,13 +150,13 @@ def test_t_prime_rules_stay_in_range(rule):
 def tiny_vae():
     from types import SimpleNamespace
 
-    from selfperceptual.models import build_vae
+    from selfperceptual.method.models import build_vae
 
     return build_vae(SimpleNamespace(block_out_channels=[16, 32, 32], latent_channels=4, norm_num_groups=8), resolution=32, seed=0)
 
 
 def test_lpl_is_the_mse_loss_at_high_noise_and_adds_a_term_below_its_threshold(tiny_unet, tiny_vae, latents, context):
-    from selfperceptual.losses import LatentPerceptualLoss
+    from selfperceptual.method.losses import LatentPerceptualLoss
 
     schedule, eps = Schedule.zero_snr(), torch.randn_like(latents)
     lpl, mse = LatentPerceptualLoss(schedule, tiny_vae, t_threshold=200), MSELoss(schedule)
@@ -169,7 +169,7 @@ def test_lpl_is_the_mse_loss_at_high_noise_and_adds_a_term_below_its_threshold(t
 
 
 def test_lpl_features_lie_on_the_decoders_own_path(tiny_vae, latents):
-    from selfperceptual.losses import LatentPerceptualLoss
+    from selfperceptual.method.losses import LatentPerceptualLoss
 
     lpl = LatentPerceptualLoss(Schedule.zero_snr(), tiny_vae)
     decoder = tiny_vae.decoder
@@ -183,7 +183,7 @@ def test_lpl_features_lie_on_the_decoders_own_path(tiny_vae, latents):
 def test_lpl_gradients_reach_the_unet_and_never_the_vae(tiny_unet, tiny_vae, latents, context):
     """The perceptual term has gradients of its own: weight 1 and weight 0 (the MSE term alone)
     give different UNet gradients; none reach the frozen VAE."""
-    from selfperceptual.losses import LatentPerceptualLoss
+    from selfperceptual.method.losses import LatentPerceptualLoss
 
     def gradients(weight: float) -> list[torch.Tensor]:
         tiny_unet.zero_grad(set_to_none=True)
@@ -202,7 +202,7 @@ def test_lpl_gradients_reach_the_unet_and_never_the_vae(tiny_unet, tiny_vae, lat
 def test_lpl_outlier_mask_masks_a_cluster_with_a_margin_and_keeps_an_isolated_value():
     """Berrada et al.'s rule: dilating the kept mask by 3 refills a lone outlier; eroding it by 5
     widens a masked cluster by 2 on every side."""
-    from selfperceptual.losses import _outlier_mask
+    from selfperceptual.method.losses import _outlier_mask
 
     smooth = torch.linspace(0, 1, 32 * 32).reshape(1, 1, 32, 32)
     assert _outlier_mask(smooth, down=1).min().item() == 1.0

@@ -5,8 +5,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-from selfperceptual.device import Runtime
-from selfperceptual.models import (
+from selfperceptual.method.device import Runtime
+from selfperceptual.method.models import (
     assemble_pipeline,
     build_text_encoder,
     build_tokenizer,
@@ -16,7 +16,7 @@ from selfperceptual.models import (
     encode_prompts,
     load_pipeline,
 )
-from selfperceptual.sampling import generate
+from selfperceptual.method.sampling import generate
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +76,7 @@ def test_sampling_is_deterministic_per_seed_and_cfg_changes_it(saved_pipeline):
 
 
 def test_the_x0_trajectory_is_the_schedulers_own_and_ends_in_the_final_image(saved_pipeline):
-    from selfperceptual.stages.figures import x0_trajectory
+    from selfperceptual.pipeline.stages.figures import x0_trajectory
 
     pipeline = load_pipeline(saved_pipeline)
     pipeline.set_progress_bar_config(disable=True)
@@ -91,8 +91,8 @@ def test_the_x0_trajectory_is_the_schedulers_own_and_ends_in_the_final_image(sav
 
 
 def _cascade(pipeline):
-    from selfperceptual.casdm import CascadedUNet, module_two
-    from selfperceptual.schedule import Schedule
+    from selfperceptual.method.cascade import CascadedUNet, module_two
+    from selfperceptual.method.schedule import Schedule
 
     return CascadedUNet(pipeline.unet, module_two(pipeline.unet), Schedule.zero_snr())
 
@@ -101,13 +101,13 @@ def test_casdm_pipeline_round_trips_and_samples_as_its_modules_say(saved_pipelin
     """A Cas-DM folder reloads with from_pretrained as a CasDMPipeline; with module two as made (a zero
     correction) it samples exactly as the MSE pipeline, and with a correction its DDIM step takes
     module two's x0 with module one's eps."""
-    from selfperceptual.casdm import CasDMPipeline
-    from selfperceptual.models import save_with_unet
+    from selfperceptual.method.cascade import CasDMPipeline
+    from selfperceptual.method.models import save_trained
 
     plain = load_pipeline(saved_pipeline)
     plain.set_progress_bar_config(disable=True)
     cascade = _cascade(plain)
-    save_with_unet(saved_pipeline, cascade, folder := tmp_path / "pipeline")
+    save_trained(saved_pipeline, cascade, folder := tmp_path / "pipeline", "casdm")
     reloaded = CasDMPipeline.from_pretrained(folder)
     assert isinstance(load_pipeline(folder), CasDMPipeline) and reloaded.x0_unet.config.in_channels == 8
     reloaded.set_progress_bar_config(disable=True)
@@ -127,11 +127,11 @@ def test_casdm_pipeline_round_trips_and_samples_as_its_modules_say(saved_pipelin
 
 
 def test_casdm_loss_trains_module_two_with_the_metric_and_module_one_without(saved_pipeline, smoke_config):
-    from selfperceptual.casdm import FeatnetLPIPS
-    from selfperceptual.evaluation import TinyFeatureNet
-    from selfperceptual.losses import CascadeLoss, MSELoss
-    from selfperceptual.schedule import Schedule
-    from selfperceptual.unet import Denoiser
+    from selfperceptual.method.cascade import FeatnetLPIPS
+    from selfperceptual.method.featnet import TinyFeatureNet
+    from selfperceptual.method.losses import CascadeLoss, MSELoss
+    from selfperceptual.method.schedule import Schedule
+    from selfperceptual.method.unet import Denoiser
 
     pipeline = load_pipeline(saved_pipeline)
     cascade, schedule = _cascade(pipeline), Schedule.zero_snr()

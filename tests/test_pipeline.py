@@ -14,9 +14,9 @@ import yaml
 from run_checks import check_outputs_and_runs
 from workspace import copy_repository, environment, run, serve
 
-from selfperceptual.config import load_params
-from selfperceptual.dag import build_stages
-from selfperceptual.experiments import RELEASED_ROWS, SAMPLE_ROWS
+from selfperceptual.pipeline.config import load_params
+from selfperceptual.pipeline.dag import build_stages
+from selfperceptual.pipeline.experiments import RELEASED_ROWS, SAMPLE_ROWS
 
 pytestmark = pytest.mark.slow
 
@@ -44,10 +44,10 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     # params.yaml's scale set to rehearsal and dvc.yaml generated for it (make generate), so the
     # Snakefile records the run with DVC as it does for the scale params.yaml names.
     copy = copy_repository(tmp_path, scale="rehearsal")
-    run([sys.executable, "-m", "selfperceptual.dag", "--write", "dvc.yaml"], copy)
+    run([sys.executable, "-m", "selfperceptual.pipeline.dag", "--write", "dvc.yaml"], copy)
     config = load_params(copy / "params.yaml", "rehearsal")[1]
     with serve(copy / "data" / "rehearsal" / "laion-images") as url:
-        run([sys.executable, "-m", "selfperceptual.rehearsal", "data/rehearsal", "--url-base", url], copy)
+        run([sys.executable, "-m", "selfperceptual.pipeline.rehearsal", "data/rehearsal", "--url-base", url], copy)
         with open(tmp_path / "snakemake.log", "w") as log:
             command = [sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=rehearsal"]
             snakemake = subprocess.Popen(command, cwd=copy, env=environment(), stdout=log, stderr=subprocess.STDOUT)
@@ -61,7 +61,7 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     resumed = json.loads((runs_dir / "train_mse" / "metrics.json").read_text())["resumed_from_step"]
     assert resumed == int(killed_at.removeprefix("step-")) > 0
     assert "Trying to restart job" in output
-    # Every stage but training was forked from the stage server (src/selfperceptual/warm.py).
+    # Every stage but training was forked from the stage server (src/selfperceptual/pipeline/warm.py).
     assert "stage server ready" in output and "in a new process" not in output
 
     # Every stage ran, the report and the MLflow runs are complete; paper-scale code paths did the work.

@@ -5,8 +5,8 @@ import json
 import pandas as pd
 import torch
 
-from selfperceptual.data.corpus import LAION_COLUMNS
-from selfperceptual.rehearsal import INCEPTION_FILE
+from selfperceptual.pipeline.data.corpus import LAION_COLUMNS
+from selfperceptual.pipeline.rehearsal import INCEPTION_FILE
 
 
 def test_laion_metadata_has_the_laion_aesthetics_columns_and_http_urls(rehearsal_inputs):

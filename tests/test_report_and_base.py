@@ -8,9 +8,10 @@ import yaml
 from PIL import Image
 from workspace import copy_repository, run
 
-from selfperceptual.experiments import SAMPLE_ROWS
-from selfperceptual.sampling import grid
-from selfperceptual.stages.report import build_tables, grid_legend, markdown_table
+from selfperceptual.pipeline.experiments import SAMPLE_ROWS
+from selfperceptual.method.sampling import grid
+from selfperceptual.pipeline.document import markdown_table
+from selfperceptual.pipeline.stages.report import build_tables, grid_legend
 
 
 def test_each_row_sits_beside_the_matching_paper_number(repo):
@@ -62,8 +63,8 @@ def test_grid_legend_names_each_row_prompt_and_the_empty_prompt():
 
 
 def test_tiny_vae_training_lowers_the_loss_and_sets_unit_variance_latents(smoke_config):
-    from selfperceptual.models import build_vae
-    from selfperceptual.stages.base import latent_scaling_factor, train_vae
+    from selfperceptual.method.models import build_vae
+    from selfperceptual.pipeline.stages.base import latent_scaling_factor, train_vae
 
     generator = torch.Generator().manual_seed(0)
     images = (torch.rand(64, 3, 1, 1, generator=generator) * 2 - 1).expand(64, 3, 32, 32).contiguous()  # flat colours
@@ -89,8 +90,8 @@ def test_a_bad_params_key_stops_dvc_repro_at_the_first_stage(tmp_path):
 def test_a_row_trained_with_several_seeds_is_reported_as_mean_and_interval(repo, tmp_path):
     from safetensors.torch import save_file
 
-    from selfperceptual.io import write_json
-    from selfperceptual.stages.report import load_runs, over_training_seeds
+    from selfperceptual.pipeline.io import write_json
+    from selfperceptual.pipeline.stages.report import load_runs, over_training_seeds
 
     folders = []
     for name, fid in (("mse_s25_seed2", 14.0), ("mse_s25", 10.0), ("mse_s25_seed1", 12.0), ("sp_s25", 9.0)):
@@ -114,8 +115,8 @@ def test_a_row_trained_with_several_seeds_is_reported_as_mean_and_interval(repo,
 def test_layout_distances_put_sp_near_mse_cfg_further_and_unrelated_samples_furthest(tmp_path):
     """Made-up features: SP's samples are MSE's moved a little, CFG's moved more; the figure's
     numbers must rank them so, with intervals that hold their means, and need every row."""
-    from selfperceptual.claims import RowRun
-    from selfperceptual.stages.report import layout_distances, layout_figure
+    from selfperceptual.pipeline.claims import RowRun
+    from selfperceptual.pipeline.stages.report import layout_distances, layout_figure
 
     generator = torch.Generator().manual_seed(0)
     mse = torch.randn(64, 16, generator=generator) * 3

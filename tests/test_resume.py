@@ -7,16 +7,18 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import mlflow
 import pytest
 import torch
 from workspace import REPO, environment
 
-from selfperceptual.models import build_unet
-from selfperceptual.schedule import Schedule
-from selfperceptual.training import build_loss
-from selfperceptual.unet import PerceptualNetwork
+from selfperceptual.method.models import build_unet
+from selfperceptual.method.schedule import Schedule
+from selfperceptual.method import objectives
+from selfperceptual.method.errors import ModelMismatch
+from selfperceptual.method.unet import PerceptualNetwork
 
 pytestmark = pytest.mark.slow
 UNET_FILE = "pipeline/unet/diffusion_pytorch_model.safetensors"
@@ -134,37 +136,38 @@ def test_a_tracking_failure_keeps_the_trained_model_and_a_rerun_only_reports(smo
     assert run.info.status == "FINISHED" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
 
 
-def test_a_frozen_network_of_another_model_is_refused_naming_both(tmp_path, tiny_unet):
-    schedule, sp_config = Schedule.zero_snr(), type("Train", (), {"sp": type("SP", (), {"layer": "midblock", "distance": "mse", "t_prime": "uniform", "formulation": "sp"})})()
+def test_a_frozen_network_of_another_model_is_refused_naming_both(tmp_path, tiny_unet, smoke_config):
+    schedule, sp, starting = Schedule.zero_snr(), objectives.get("sp"), SimpleNamespace(unet=tiny_unet)
     frozen = tmp_path / "freeze"
     (frozen / "network").mkdir(parents=True)
     (frozen / "summary.json").write_text(json.dumps({"source": "runs/smoke/train_mse_uncond"}))
     other = build_unet(type("U", (), {"block_out_channels": [16, 32], "layers_per_block": 1, "attention_heads": 2, "norm_num_groups": 8})(),
                        sample_size=8, latent_channels=4, cross_attention_dim=32, seed=1)
     other.save_pretrained(frozen / "network")
-    with pytest.raises(SystemExit, match=r"frozen from runs/smoke/train_mse_uncond\) is not a frozen copy .*--init runs/smoke/train_mse\): other weights"):
-        build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    with pytest.raises(ModelMismatch, match=r"frozen from runs/smoke/train_mse_uncond\) is not a frozen copy of the model being trained: other weights") as refused:
+        sp.loss(smoke_config.train.sp, schedule, starting, {"perceptual": frozen})
+    assert refused.value.input == "perceptual" and refused.value.path == frozen
     wider = build_unet(type("U", (), {"block_out_channels": [32, 32], "layers_per_block": 1, "attention_heads": 2, "norm_num_groups": 8})(),
                        sample_size=8, latent_channels=4, cross_attention_dim=32, seed=0)
     wider.save_pretrained(frozen / "network")
-    with pytest.raises(SystemExit, match=r"another architecture \(block_out_channels: \[32, 32\] vs \[16, 32\]"):
-        build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    with pytest.raises(ModelMismatch, match=r"another architecture \(block_out_channels: \[32, 32\] vs \[16, 32\]"):
+        sp.loss(smoke_config.train.sp, schedule, starting, {"perceptual": frozen})
     tiny_unet.save_pretrained(frozen / "network")
-    loss, _ = build_loss("sp", sp_config, schedule, frozen, tiny_unet, "runs/smoke/train_mse")
+    loss = sp.loss(smoke_config.train.sp, schedule, starting, {"perceptual": frozen})
     assert isinstance(loss.perceptual, PerceptualNetwork) and not any(p.requires_grad for p in loss.perceptual.parameters())
     assert torch.equal(loss.perceptual.conv_in.weight, tiny_unet.conv_in.weight)
 
 
-def test_a_broken_init_fails_before_the_first_step(smoke_stages, tmp_path):
+def test_a_broken_init_fails_before_the_first_step(smoke_stages, tmp_path, capsys):
     import shutil
 
-    from conftest import run_stage
+    from selfperceptual.pipeline.cli import main
 
     init = tmp_path / "init"
     shutil.copytree(smoke_stages / "base", init)
     vae = init / "pipeline" / "vae" / "diffusion_pytorch_model.safetensors"
     vae.write_bytes(vae.read_bytes()[:1000])  # truncated: found at load time, not at save time
-    with pytest.raises(SystemExit, match=f"--init {init}: cannot load the pipeline"):
-        run_stage("train", tmp_path / "out", "--data", smoke_stages / "encode", "--init", init, "--objective", "mse",
-                  "--conditioning", "text", "--checkpoints", tmp_path / "checkpoints")
+    code = main(["train", "--params", str(REPO / "params.yaml"), "--scale", "smoke", "--out", str(tmp_path / "out"), "--data", str(smoke_stages / "encode"),
+                 "--init", str(init), "--objective", "mse", "--conditioning", "text", "--checkpoints", str(tmp_path / "checkpoints")])  # fmt: skip
+    assert code == 1 and f"error: --init {init}: cannot load the pipeline" in capsys.readouterr().err
     assert not (tmp_path / "checkpoints").exists() and not (tmp_path / "out").exists()

@@ -4,7 +4,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from selfperceptual.schedule import Schedule
+from selfperceptual.method.schedule import Schedule
 
 PAPER_BETAS = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", rescale_betas_zero_snr=True)
 

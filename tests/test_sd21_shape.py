@@ -11,10 +11,10 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from selfperceptual.losses import MSELoss, SelfPerceptualLoss
-from selfperceptual.models import SD21_BASE_UNET, SD21_TEXT_TOKENS
-from selfperceptual.schedule import Schedule
-from selfperceptual.unet import Denoiser, PerceptualNetwork
+from selfperceptual.method.losses import MSELoss, SelfPerceptualLoss
+from selfperceptual.method.models import SD21_BASE_UNET, SD21_TEXT_TOKENS
+from selfperceptual.method.schedule import Schedule
+from selfperceptual.method.unet import Denoiser, PerceptualNetwork
 
 pytestmark = pytest.mark.slow
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 from slurm_cluster import NODES, PARTITION_MAX_TIME, SlurmUnavailable, gpu_cluster
 from workspace import REPO, copy_repository, environment
 
-from selfperceptual.cluster import cluster_settings, rule_resources
-from selfperceptual.config import load_params
-from selfperceptual.dag import build_stages
+from selfperceptual.pipeline.cluster import cluster_settings, rule_resources
+from selfperceptual.pipeline.config import load_params
+from selfperceptual.pipeline.dag import build_stages
 
 # One cluster for the module (SLURM's default configuration path can name one cluster at a time on a
 # machine), so its tests run on one pytest-xdist worker.
@@ -64,8 +64,8 @@ def _last_job_id(env) -> int:
 # A Snakefile whose rules ask for exactly what the pipeline's paper-scale rules ask for (the same
 # params.yaml resources through the same rule_resources), each with a probe in place of its stage.
 PROBE_SNAKEFILE = """
-from selfperceptual.cluster import rule_resources
-from selfperceptual.config import load_params
+from selfperceptual.pipeline.cluster import rule_resources
+from selfperceptual.pipeline.config import load_params
 
 _, CONFIG = load_params({params!r}, "paper")
 CLUSTER = {cluster!r}

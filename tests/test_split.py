@@ -5,11 +5,13 @@ import json
 import pytest
 import torch
 from conftest import run_stage
+from workspace import REPO
 
-from selfperceptual.data.shards import iter_samples, sample_batches
-from selfperceptual.sampling import sample_images
-from selfperceptual.split import batch_block, parse_part
-from selfperceptual.training import LatentData
+from selfperceptual.method.errors import InputError
+from selfperceptual.pipeline.data.shards import iter_samples, sample_batches
+from selfperceptual.pipeline.data.samples import sample_images
+from selfperceptual.pipeline.split import batch_block, parse_part
+from selfperceptual.pipeline.training import LatentData
 
 
 def test_batch_blocks_cover_everything_once_on_batch_boundaries():
@@ -72,12 +74,16 @@ def test_sampling_in_two_jobs_gives_the_same_images(smoke_stages, tmp_path):
     assert [p.name for p in whole] == [p.name for p in split] == [f"{i:05d}.png" for i in range(10)]
     assert all(a.read_bytes() == b.read_bytes() for a, b in zip(whole, split))
     assert len(list((tmp_path / "part0" / "images").glob("*.png"))) == 4  # part 0 of 3 batches of 4: one batch
-    with pytest.raises(SystemExit, match="a part is missing"):
+    with pytest.raises(InputError, match="a part is missing") as refused:
         sample_images([tmp_path / "part1"])
+    assert refused.value.input == "samples"
 
 
-def test_a_job_of_another_split_is_refused(smoke_stages, tmp_path):
+def test_a_job_of_another_split_is_refused(smoke_stages, tmp_path, capsys):
+    from selfperceptual.pipeline.cli import main
+
     runs = smoke_stages
-    with pytest.raises(SystemExit, match="sample.num_jobs is 1"):
-        run_stage("sample", tmp_path / "x", "--model", runs / "base", "--corpus", runs / "corpus", "--row", "mse_s25", "--part", "0/2")
+    code = main(["sample", "--params", str(REPO / "params.yaml"), "--scale", "smoke", "--out", str(tmp_path / "x"),
+                 "--model", str(runs / "base"), "--corpus", str(runs / "corpus"), "--row", "mse_s25", "--part", "0/2"])
+    assert code == 1 and capsys.readouterr().err.startswith("error: --part 0/2: sample.num_jobs is 1 in params.yaml")
     assert not (tmp_path / "x").exists()

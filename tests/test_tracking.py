@@ -13,7 +13,7 @@ import mlflow
 import pytest
 from conftest import run_stage
 
-from selfperceptual import tracking
+from selfperceptual.pipeline import tracking
 
 
 def _log(index):

@@ -5,12 +5,12 @@ import copy
 import pytest
 import torch
 
-from selfperceptual.data.latents import ShardWriter
-from selfperceptual.distributed import sample_generators
-from selfperceptual.losses import MSELoss, SelfPerceptualLoss
-from selfperceptual.schedule import Schedule
-from selfperceptual.training import LatentData, LossHistory, Prefetch, StepInputs, train, update_ema
-from selfperceptual.unet import PerceptualNetwork
+from selfperceptual.pipeline.data.latents import ShardWriter
+from selfperceptual.pipeline.distributed import sample_generators
+from selfperceptual.method.losses import MSELoss, SelfPerceptualLoss
+from selfperceptual.method.schedule import Schedule
+from selfperceptual.pipeline.training import LatentData, LossHistory, Prefetch, StepInputs, train, update_ema
+from selfperceptual.method.unet import PerceptualNetwork
 
 
 def _latent_folder(folder, count=12, shard_size=5):
@@ -113,11 +113,11 @@ def test_casdm_trains_both_modules_in_the_one_loop_and_resumes_bit_for_bit(tmp_p
     import copy
     from types import SimpleNamespace
 
-    from selfperceptual.casdm import CascadedUNet, FeatnetLPIPS, module_two
-    from selfperceptual.checkpoints import CheckpointStore
-    from selfperceptual.evaluation import TinyFeatureNet
-    from selfperceptual.losses import CascadeLoss
-    from selfperceptual.models import build_vae
+    from selfperceptual.method.cascade import CascadedUNet, FeatnetLPIPS, module_two
+    from selfperceptual.pipeline.checkpoints import CheckpointStore
+    from selfperceptual.method.featnet import TinyFeatureNet
+    from selfperceptual.method.losses import CascadeLoss
+    from selfperceptual.method.models import build_vae
 
     data = _latent_folder(tmp_path / "data")
     schedule = Schedule.zero_snr()
@@ -132,12 +132,12 @@ def test_casdm_trains_both_modules_in_the_one_loop_and_resumes_bit_for_bit(tmp_p
         return model
 
     casdm = settings.casdm.model_copy(update={"num_steps": 4})
-    whole = train(fresh(), data, loss, casdm, settings, "text", 1000).ema.state_dict()
+    whole = train(fresh(), data, loss, casdm, settings, "text", 1000, objective="casdm").ema.state_dict()
     for name in ("unet.conv_in.weight", "x0_unet.conv_in.weight", "x0_unet.conv_out.weight"):
         assert not torch.equal(whole[name], start[name]), f"{name} did not train"
     store = CheckpointStore(tmp_path / "checkpoints", keep=2)
-    train(fresh(), data, loss, casdm.model_copy(update={"num_steps": 2}), settings, "text", 1000, store)
-    resumed = train(fresh(), data, loss, casdm, settings, "text", 1000, store)
+    train(fresh(), data, loss, casdm.model_copy(update={"num_steps": 2}), settings, "text", 1000, store, objective="casdm")
+    resumed = train(fresh(), data, loss, casdm, settings, "text", 1000, store, objective="casdm")
     assert resumed.first_step == 2
     assert all(torch.equal(value, whole[key]) for key, value in resumed.ema.state_dict().items())
 
@@ -221,8 +221,8 @@ def test_compiled_channels_last_training_matches_eager_and_resumes_bit_for_bit(t
     (contiguous checkpoints back into the channels-last layout) those of an uninterrupted one bit
     for bit. Compiled with aot_eager: Dynamo's graph capture and AOTAutograd's graphs as on a GPU,
     without Inductor's code generation (minutes on a CPU; docs/speed.md)."""
-    from selfperceptual import unet as unet_module
-    from selfperceptual.checkpoints import CheckpointStore
+    from selfperceptual.method import unet as unet_module
+    from selfperceptual.pipeline.checkpoints import CheckpointStore
 
     monkeypatch.setattr(unet_module, "COMPILE_BACKEND", "aot_eager")
     torch._dynamo.reset()

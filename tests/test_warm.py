@@ -13,7 +13,7 @@ import psutil
 import pytest
 from workspace import REPO, environment
 
-from selfperceptual import warm
+from selfperceptual.pipeline import warm
 
 pytestmark = pytest.mark.slow
 

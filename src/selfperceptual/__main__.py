@@ -5,12 +5,12 @@ import sys
 os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 if os.environ.get("SP_STAGE_SERVER"):  # a pipeline's stage server has the imports done (warm.py)
-    from .warm import delegate
+    from .pipeline.warm import delegate
 
     code = delegate(os.environ["SP_STAGE_SERVER"], sys.argv)
     if code is not None:
         sys.exit(code)
 
-from .cli import main
+from .pipeline.cli import main
 
 sys.exit(main())

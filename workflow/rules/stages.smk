@@ -1,4 +1,4 @@
-# One rule per stage of src/selfperceptual/dag.py (the description dvc.yaml is generated from).
+# One rule per stage of src/selfperceptual/pipeline/dag.py (the description dvc.yaml is generated from).
 # STAGES, SCALE, CONFIG, RESOURCES and RETRIES come from the Snakefile; `config` is params.yaml as Snakemake
 # read it. Threads and cluster resources come from params.yaml's `resources` block of the scale.
 

@@ -1,0 +1,118 @@
+"""Training checkpoints: everything a run needs to continue bit for bit, in safetensors and JSON.
+
+A checkpoint is a folder ``step-NNNNNNNN/`` holding the online model, the EMA, the optimizer's
+state tensors (``*.safetensors``) and ``state.json`` (the step, the optimizer's hyperparameters,
+the loss history). It is written to a temporary folder and renamed into place, so a folder with
+that name is always complete. The store lives outside the stage's output folder (the DAG passes
+``runs/<scale>/checkpoints/<stage>``), where neither Snakemake nor DVC deletes it when the job
+fails, and under a subfolder per training configuration, so a changed setting starts afresh and
+never resumes from (or deletes) another configuration's checkpoints.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from ..method import objectives
+from .io import atomic_dir, read_json, remove_stale_partials, write_json
+
+log = logging.getLogger("checkpoints")
+PREFIX = "step-"
+
+
+# The code that decides what a training step computes: a checkpoint resumes only under the same.
+# The whole method package, the loop and what it reads, and the trained objective's own module.
+PIPELINE_TRAINING_CODE = ("training.py", "distributed.py", "data/latents.py", "checkpoints.py")
+
+
+def code_version(objective: str = "mse") -> str:
+    pipeline = Path(__file__).parent
+    method = pipeline.parent / "method"
+    files = [*sorted(method.rglob("*.py")), *(pipeline / name for name in PIPELINE_TRAINING_CODE), *objectives.get(objective).source_files()]
+    digest = hashlib.sha256()
+    for path in dict.fromkeys(files):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def fingerprint(settings: dict) -> str:
+    """A short, stable name for a training configuration under this training code (what a
+    checkpoint may resume)."""
+    text = json.dumps({**settings, "code": code_version(settings.get("objective", "mse"))}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """The optimizer's state dict split into tensors (for safetensors) and the rest (for JSON)."""
+    state = optimizer.state_dict()
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for name, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{index}.{name}"] = value.detach().cpu().contiguous()
+            else:
+                scalars[f"{index}.{name}"] = value
+    return tensors, {"param_groups": state["param_groups"], "scalars": scalars}
+
+
+def _optimizer_state(tensors: dict[str, torch.Tensor], rest: dict) -> dict:
+    state: dict[int, dict] = {}
+    for key, value in [*tensors.items(), *rest["scalars"].items()]:
+        index, name = key.split(".", 1)
+        state.setdefault(int(index), {})[name] = value
+    return {"state": state, "param_groups": rest["param_groups"]}
+
+
+def _match_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Gives the loaded optimizer state its parameters' memory layout (channels-last ones too:
+    checkpoints store contiguous tensors); the values are unchanged."""
+    for group in optimizer.param_groups:
+        for parameter in group["params"]:
+            state = optimizer.state.get(parameter, {})
+            for key, value in state.items():
+                if torch.is_tensor(value) and value.shape == parameter.shape and value.stride() != parameter.stride():
+                    state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
+
+
+class CheckpointStore:
+    def __init__(self, folder: str | Path, keep: int):
+        self.folder, self.keep = Path(folder), keep
+
+    def all(self) -> list[Path]:
+        remove_stale_partials(self.folder / PREFIX, pattern=f"{PREFIX}*")  # checkpoints a kill cut short
+        return sorted(path for path in self.folder.glob(f"{PREFIX}*") if path.is_dir())
+
+    def latest(self) -> Path | None:
+        found = self.all()
+        return found[-1] if found else None
+
+    def save(self, step: int, model: torch.nn.Module, ema: torch.nn.Module, optimizer: torch.optim.Optimizer, meta: dict) -> Path:
+        optimizer_tensors, optimizer_rest = _optimizer_tensors(optimizer)
+        final = self.folder / f"{PREFIX}{step:08d}"
+        with atomic_dir(final) as tmp:
+            save_file({k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}, tmp / "model.safetensors")
+            save_file({k: v.detach().cpu().contiguous() for k, v in ema.state_dict().items()}, tmp / "ema.safetensors")
+            save_file(optimizer_tensors, tmp / "optimizer.safetensors")
+            write_json(tmp / "state.json", {"step": step, "optimizer": optimizer_rest, **meta})
+        for old in self.all()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint: step %d in %s", step, final)
+        return final
+
+    @staticmethod
+    def load(path: Path, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
+        """Restores model, EMA (when given) and optimizer in place; returns ``state.json``."""
+        state = read_json(path / "state.json")
+        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        if ema is not None:
+            ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
+        optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+        _match_layout(optimizer)
+        return state

@@ -1,0 +1,197 @@
+"""FID, Inception Score and precision/recall, computed by torch-fidelity over an evaluation network's features.
+
+The metrics' arithmetic is torch-fidelity's (``fid_statistics_to_metric``, ``isc_features_to_metric``,
+``prc_features_to_metric``) at every scale; only the feature network changes. At the paper scale
+it is Inception-v3 as torch-fidelity defines it (``inception-v3-compat``: TF1-compatible bilinear
+resize to 299 inside the network; pool3 features, unbiased logits), with weights read from the
+local file ``featnet.inception_weights`` names. At the small scales it is ``TinyFeatureNet``, a
+classifier trained on held-out real corpus images (labels: shape x colour): its penultimate layer
+stands where Inception's pool3 stands, its logits where Inception's do.
+
+The reference set (``reference_images``): the distinct real images of the eval captions, each
+once, centre-cropped to a square and resized to the generated images' resolution with PIL's
+bicubic filter (never squashed), so real and generated images reach the network alike.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageOps
+from safetensors.torch import save_file
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
+from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
+from torch_fidelity.metric_isc import KEY_METRIC_ISC_MEAN, KEY_METRIC_ISC_STD, isc_features_to_metric
+from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, prc_features_to_metric
+from tqdm import tqdm
+
+from ..method.errors import InputError, MissingComponent
+from ..method.featnet import TinyFeatureNet
+from .data.shards import to_tensor
+from .io import decode_images
+from ..method.device import Runtime, runtime
+from .intervals import sigma_root
+
+INCEPTION_FILE = "inception-v3.pth"  # the featnet folder's copy of featnet.inception_weights
+
+
+def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config, seed: int) -> tuple[TinyFeatureNet, float]:
+    """Cross-entropy training with flips and small shifts, in fp32 on the stage's device;
+    returns (network on the CPU, last train accuracy)."""
+    torch.manual_seed(seed)
+    generator = torch.Generator().manual_seed(seed)
+    device = runtime("fp32").device
+    network = TinyFeatureNet(num_classes, config.feature_dim).to(device)
+    images, labels = images.to(device), labels.to(device)
+    optimizer = torch.optim.Adam(network.parameters(), lr=config.learning_rate)
+    accuracy = 0.0
+    for _ in tqdm(range(config.train_steps), desc="featnet", mininterval=5):
+        index = torch.randint(0, len(images), (config.batch,), generator=generator).to(device)
+        batch = images[index]
+        if torch.rand(1, generator=generator).item() < 0.5:
+            batch = batch.flip(-1)
+        shift = [int(v) for v in torch.randint(-3, 4, (2,), generator=generator)]
+        batch = batch.roll(shifts=shift, dims=(-2, -1))
+        _, logits = network(batch)
+        loss = nn.functional.cross_entropy(logits, labels[index])
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        accuracy = 0.9 * accuracy + 0.1 * (logits.argmax(1) == labels[index]).float().mean().item()
+    return network.cpu().eval(), accuracy
+
+
+class InceptionExtractor(nn.Module):
+    """Inception-v3 pool3 features and unbiased logits, as torch-fidelity computes them (paper scale)."""
+
+    def __init__(self, weights: Path):
+        super().__init__()
+        check_inception_weights(weights)
+        self.network = FeatureExtractorInceptionV3(
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
+        )
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        features, logits = self.network(uint8)
+        return features, logits
+
+
+def check_inception_weights(path) -> None:
+    if not path or not Path(path).is_file():
+        raise FileNotFoundError(
+            f"featnet.inception_weights: {path} is not a file. Download torch-fidelity's Inception-v3 weights "
+            f"({Path(URL_INCEPTION_V3).name}) from {URL_INCEPTION_V3} and name the file in params.yaml"
+        )
+
+
+def save_extractor(out: Path, settings) -> None:
+    """Records which network the featnet folder holds (the tiny one saves itself); Inception's
+    weights are linked or copied in, so the folder is the whole evaluation network."""
+    if settings.kind == "inception":
+        check_inception_weights(settings.inception_weights)
+        try:
+            os.link(settings.inception_weights, out / INCEPTION_FILE)
+        except OSError:  # another filesystem
+            shutil.copyfile(settings.inception_weights, out / INCEPTION_FILE)
+    (out / "extractor.json").write_text(json.dumps({"kind": settings.kind}))
+
+
+def check_featnet(folder: Path) -> None:
+    """A featnet stage's folder holds its network and the reference set's features; names what is not there."""
+    kinds = {"tiny": ("featnet.json", "featnet.safetensors"), "inception": (INCEPTION_FILE,)}
+    if not (folder / "extractor.json").is_file():
+        raise InputError("featnet", "no extractor.json; is this a featnet stage's folder? (run its featnet stage)", folder)
+    kind = json.loads((folder / "extractor.json").read_text())["kind"]
+    missing = [name for name in (*kinds[kind], "reference.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise InputError("featnet", f"{', '.join(missing)} missing; rerun its featnet stage", folder)
+
+
+def load_extractor(folder: Path, device: Runtime):
+    """The evaluation network a featnet stage's folder holds, on ``device``."""
+    kind = json.loads((folder / "extractor.json").read_text())["kind"]
+    if kind == "tiny":
+        return device.place(TinyFeatureNet.load(folder))
+    if device.dtype != torch.float32:
+        raise ValueError("evaluate.precision must be fp32 with Inception-v3 (torch-fidelity computes it in fp32)")
+    return InceptionExtractor(folder / INCEPTION_FILE).to(device.device).eval()
+
+
+def reference_images(paths: list[str], resolution: int) -> list[Image.Image]:
+    """The distinct images of ``paths`` (first occurrence order), centre-cropped and resized to
+    ``resolution`` x ``resolution`` with PIL's bicubic filter."""
+    return decode_images(dict.fromkeys(paths), lambda image: ImageOps.fit(image, (resolution, resolution), Image.BICUBIC))
+
+
+@torch.no_grad()
+def extract(extractor, images, batch: int, device: Runtime) -> tuple[torch.Tensor, torch.Tensor]:
+    """Features and logits of a list of PIL images, computed on ``device``, returned as float64 on the CPU."""
+    features, logits = [], []
+    for start in tqdm(range(0, len(images), batch), desc="features", mininterval=10):
+        batch_features, batch_logits = extractor(device.tensor(to_tensor(images[start : start + batch])))
+        features.append(batch_features.cpu().double())
+        logits.append(batch_logits.cpu().double())
+    return torch.cat(features), torch.cat(logits)
+
+
+def save_reference(features: torch.Tensor, path: Path) -> None:
+    """The real images' features (for precision/recall), their Gaussian statistics (for FID) and
+    the covariance's square root (for the bootstrap's FID, taken here once for every evaluation)."""
+    stats = fid_features_to_statistics(features)
+    sigma = torch.from_numpy(stats["sigma"])
+    save_file(
+        {"features": features.float().contiguous(), "mu": torch.from_numpy(stats["mu"]), "sigma": sigma, "sigma_root": sigma_root(sigma)},
+        path,
+    )
+
+
+def metrics(features: torch.Tensor, logits: torch.Tensor, reference: dict[str, torch.Tensor], is_splits: int) -> dict[str, float]:
+    """FID against the reference statistics, IS (torch-fidelity's defaults: shuffled with seed
+    2020, ``is_splits`` parts), and precision/recall with k = 3 against the reference features."""
+    real = {"mu": reference["mu"].numpy(), "sigma": reference["sigma"].numpy()}
+    fid = fid_statistics_to_metric(fid_features_to_statistics(features.double()), real, verbose=False)
+    score, score_std = inception_score(logits, is_splits)
+    prc = prc_features_to_metric(features.float(), reference["features"].float(), verbose=False)
+    return {
+        "fid": fid[KEY_METRIC_FID],
+        "is": score,
+        "is_std": score_std,
+        "precision": prc[KEY_METRIC_PRECISION],
+        "recall": prc[KEY_METRIC_RECALL],
+    }
+
+
+def inception_score(logits: torch.Tensor, splits: int) -> tuple[float, float]:
+    score = isc_features_to_metric(logits.double(), splits=splits)
+    return score[KEY_METRIC_ISC_MEAN], score[KEY_METRIC_ISC_STD]
+
+
+def clip_scores(model: str, images: list[Image.Image], prompts: list[str], batch: int, device: Runtime) -> torch.Tensor:
+    """Per image, 100 times the cosine of its CLIP image embedding and its caption's text embedding
+    (CLIP score, Hessel et al. 2021, w = 100), with the CLIP model at ``model`` (a local folder, or
+    a hub id in the local Hugging Face cache); captions past CLIP's 77 tokens are cut. The row's
+    score is their mean. torchmetrics' ``CLIPScore`` floors that mean at 0; we do not, so the table
+    and the claims' intervals use the same numbers (only a meaningless CLIP model scores below 0).
+    Its 1.9.0 cannot be used here, as it reads ``get_image_features`` as a tensor, which
+    transformers 5 no longer returns."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    try:
+        network, processor = device.place(CLIPModel.from_pretrained(model)), CLIPProcessor.from_pretrained(model)
+    except OSError as error:
+        raise MissingComponent(f"evaluate.clip {model!r} is not a CLIP model folder or a cached hub id ({error})") from error
+    scores = []
+    with torch.no_grad():
+        for start in tqdm(range(0, len(images), batch), desc="clip score", mininterval=10):
+            inputs = processor(text=prompts[start : start + batch], images=images[start : start + batch], return_tensors="pt",
+                               padding=True, truncation=True)  # fmt: skip
+            out = network(input_ids=inputs["input_ids"].to(device.device), attention_mask=inputs["attention_mask"].to(device.device),
+                          pixel_values=device.tensor(inputs["pixel_values"]))  # fmt: skip
+            scores.append(100 * nn.functional.cosine_similarity(out.image_embeds.double(), out.text_embeds.double()).cpu())
+    return torch.cat(scores)

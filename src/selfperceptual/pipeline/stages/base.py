@@ -1,0 +1,115 @@
+"""base: the Stable-Diffusion-shaped starting model, saved as a diffusers pipeline folder.
+
+With ``base.pretrained`` set (paper: stabilityai/stable-diffusion-2-1-base) it loads that model by
+path or hub id; otherwise it builds the tiny model: a word-level tokenizer over the corpus, a
+random CLIPTextModel, an AutoencoderKL trained briefly on the downloaded images, and a random
+UNet2DConditionModel. Either way the scheduler is replaced by the paper's DDIM.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ..data.shards import iter_samples, to_tensor
+from ...method.device import runtime
+from ..io import write_json
+from ...method.models import (
+    assemble_pipeline,
+    build_text_encoder,
+    build_tokenizer,
+    build_unet,
+    build_vae,
+    ddim_scheduler,
+    load_pipeline,
+)
+
+log = logging.getLogger("base")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument(
+        "--images", type=Path, action="append", default=[],
+        help="a download stage's folder (repeat for each part); the tiny model needs them, base.pretrained does not",
+    )
+
+
+def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
+    """Reconstruction (L1 + MSE) plus a small KL term on random crops, in fp32 on the stage's
+    device (random draws on the CPU, so the result is the same on any device up to float
+    rounding); returns the loss curve and leaves ``vae`` on the CPU."""
+    generator = torch.Generator().manual_seed(seed)
+    device = runtime("fp32").device
+    vae.to(device)
+    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
+    crop, side = min(config.train_crop, images.shape[-1]), images.shape[-1]
+    curve = []
+    for step in tqdm(range(config.train_steps), desc="vae", mininterval=5):
+        top, left = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=generator))
+        batch = images[torch.randint(0, len(images), (config.batch,), generator=generator)]
+        batch = batch[..., top : top + crop, left : left + crop].to(device)
+        posterior = vae.encode(batch).latent_dist
+        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
+        recon = vae.decode(latents).sample
+        loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + config.kl_weight * posterior.kl().mean()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        if step % 25 == 0 or step == config.train_steps - 1:
+            curve.append((step, loss.item()))
+    vae.cpu()
+    return curve
+
+
+@torch.no_grad()
+def latent_scaling_factor(vae, images: torch.Tensor) -> float:
+    """1 / std of the latents, as LDM chose SD's 0.18215: unit-variance latents for diffusion."""
+    means = torch.cat([vae.encode(chunk).latent_dist.mean for chunk in images[:512].split(64)])
+    return float(1.0 / means.std())
+
+
+def build_tiny(config, resolution: int, images_dirs: list[Path]) -> dict:
+    samples = list(iter_samples(images_dirs))
+    if not samples:
+        raise SystemExit(f"base: base.pretrained is null, so the tiny model trains its VAE on --images, and there are none in {images_dirs}")
+    captions = [caption for _, _, caption in samples]
+    images = to_tensor([image for _, image, _ in samples])
+    tokenizer = build_tokenizer(captions, config.text.max_length)
+    text_encoder = build_text_encoder(tokenizer, config.text, config.seed)
+    vae = build_vae(config.vae, resolution, config.seed)
+    curve = train_vae(vae, images, config.vae, config.seed)
+    vae.eval()
+    vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
+    latent_size = resolution // 2 ** (len(config.vae.block_out_channels) - 1)
+    unet = build_unet(config.unet, latent_size, config.vae.latent_channels, config.text.hidden_size, config.seed)
+    return {
+        "components": (vae, text_encoder, tokenizer, unet),
+        "summary": {
+            "vocab_size": len(tokenizer),
+            "vae_final_loss": curve[-1][1] if curve else None,
+            "scaling_factor": vae.config.scaling_factor,
+            "unet_parameters": sum(p.numel() for p in unet.parameters()),
+            "latent_size": latent_size,
+        },
+    }
+
+
+def run(args, config, scale, out) -> None:
+    if config.base.pretrained:
+        log.info("base: loading %s", config.base.pretrained)
+        try:
+            source = load_pipeline(config.base.pretrained)
+        except (OSError, ValueError) as error:
+            raise SystemExit(f"base.pretrained: cannot load {config.base.pretrained!r}: {error}") from error
+        components = (source.vae, source.text_encoder, source.tokenizer, source.unet)
+        summary = {"pretrained": config.base.pretrained}
+    else:
+        built = build_tiny(config.base, config.download.resolution, args.images)
+        components, summary = built["components"], built["summary"]
+    pipeline = assemble_pipeline(*components, scheduler=ddim_scheduler(config.schedule))
+    pipeline.save_pretrained(out / "pipeline", safe_serialization=True)
+    write_json(out / "summary.json", summary)
+    log.info("base: %s", summary)

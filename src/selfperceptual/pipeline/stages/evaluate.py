@@ -1,0 +1,110 @@
+"""evaluate: FID (with a bootstrap interval), Inception Score, precision/recall and text alignment of
+one sampling row against the real reference images; keeps each image's features for the report.
+
+Text alignment of the text-conditioned rows: with ``evaluate.clip`` (the rehearsal and paper
+scales), CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings, with
+the CLIP model it names; without (the synthetic corpus), the fraction of samples that the
+evaluation classifier labels with their caption's shape and colour (the corpus's ``eval.parquet``
+holds each caption's label). Beside it, ``clip_score``: the CLIP score with the data stages' CLIP
+(``clip.model``, or the clip stage's tiny CLIP, ``--clip``), whose embeddings clip-retrieval made of
+the training set; where that CLIP is ``evaluate.clip``'s, the alignment already is that score.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pandas as pd
+import torch
+from safetensors.torch import load_file, save_file
+
+from .. import tracking
+from ...method.device import runtime
+from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
+from ..experiments import ABLATION_RUNS, peer_tags, row_named, unseeded
+from ..intervals import FrechetToReference, bootstrap
+from ..io import decode_images, write_json
+from ...method.sampling import grid
+from ..data.samples import sample_images
+
+log = logging.getLogger("evaluate")
+GRID_IMAGES = 16
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--samples", type=Path, action="append", required=True, help="a sample stage's folder (repeat for each part)")
+    parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
+    parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (each eval caption's label)")
+    parser.add_argument("--clip", type=Path, help="the clip stage's folder (the tiny CLIP, when clip.model is null)")
+
+
+def caption_labels(corpus: Path) -> dict[str, int]:
+    """Eval caption -> its (shape, colour) label; empty where the corpus has none (COCO)."""
+    rows = pd.read_parquet(corpus / "eval.parquet", columns=["caption", "label"])
+    return {} if (rows["label"] < 0).any() else dict(zip(rows["caption"], rows["label"].astype(int), strict=True))
+
+
+def recognised(logits: torch.Tensor, prompts: list[str], labels: dict[str, int]) -> torch.Tensor | None:
+    """1 where the classifier's label of a sample is its caption's, else 0; None without labels or prompts."""
+    if not labels or not all(prompts):
+        return None
+    missing = sorted({prompt for prompt in prompts if prompt not in labels})
+    if missing:
+        raise SystemExit(f"evaluate: {len(missing)} prompts are not eval captions of the corpus, e.g. {missing[0]!r}")
+    return (logits.argmax(1) == torch.tensor([labels[prompt] for prompt in prompts])).float()
+
+
+def run(args, config, scale, out) -> None:
+    check_featnet(args.featnet)
+    sampled, paths = sample_images(args.samples)
+    row = row_named(sampled["row"])
+    images = decode_images(paths)
+    device = runtime(config.evaluate.precision)
+    features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
+    reference = load_file(args.featnet / "reference.safetensors")
+    scores = {**metrics(features, logits, reference, config.evaluate.is_splits), "num_images": len(images)}
+    if config.evaluate.bootstrap:
+        fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"), device.device).resampler(features)
+        scores["fid_low"], scores["fid_high"] = bootstrap(fid, len(images), config.evaluate.bootstrap)
+    per_image = {"features": features.float().contiguous()}
+    prompts = sampled["prompts"][: len(images)]
+    if config.evaluate.clip and all(prompts):
+        alignment = clip_scores(config.evaluate.clip, images, prompts, config.evaluate.batch, device)
+    else:
+        alignment = recognised(logits, prompts, caption_labels(args.corpus))
+    if alignment is not None:
+        scores["alignment"] = float(alignment.mean())  # the mean of the values the claims resample (no floor at 0)
+        per_image["alignment"] = alignment.float()
+    data_clip = config.clip.model or (args.clip / "model" if args.clip else None)
+    alignment_is_it = bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model  # the same CLIP: already computed
+    if data_clip and all(prompts) and not alignment_is_it:
+        scores["clip_score"] = float(clip_scores(str(data_clip), images, prompts, config.evaluate.batch, device).mean())
+    save_file(per_image, out / "features.safetensors")  # the report's paired intervals and layout distances
+    write_json(out / "metrics.json", {"row": row.name, **scores})
+    grid([images[:GRID_IMAGES]]).save(out / "samples.png")
+    tags = {
+        "kind": "evaluate",
+        "row": row.name,
+        "row_without_seed": unseeded(row.name)[0],  # the runs of one row over training seeds share it
+        "training_seed": unseeded(row.name)[1],
+        "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
+        "model": row.model,
+        "ablation": row.model.removeprefix("train_sp_") if row.model in {run.name for run in ABLATION_RUNS} else "none",
+        "objective": row.objective,
+        "conditioning": row.conditioning,
+        "cfg": row.cfg if row.cfg is not None else "none",
+        "rescale": row.rescale if row.rescale is not None else "none",
+        "steps": row.steps,
+        "nfe": row.nfe,
+        **peer_tags(args.out.name),
+    }
+    log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
+    return lambda: tracking.log_run(
+        scale,
+        stage=args.out.name,
+        params={"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]},
+        tags=tags,
+        metrics=scores,
+        images=[args.out / "samples.png"],
+    )

@@ -1,0 +1,307 @@
+"""report: the paper's claims with computed verdicts, Tables 1-8 with our numbers beside the paper's, Figures 3-6, the
+layout-preservation figure and the loss curves."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import yaml
+from safetensors.torch import load_file
+
+from ...method import objectives
+from ..claims import Evidence, Finding, RowRun, judge, twin_distances
+from ..document import Document, Section, to_html, to_markdown
+from ..experiments import PEERS, TABLES, TRAIN_RUNS, unseeded
+from ..intervals import bootstrap, over_seeds
+from ..io import read_json, write_json
+
+log = logging.getLogger("report")
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--evaluation", type=Path, action="append", required=True, help="an evaluate stage's folder (repeat)")
+    parser.add_argument("--figures", type=Path, required=True, help="the figures stage's folder")
+    parser.add_argument("--featnet", type=Path, required=True, help="the featnet stage's folder")
+    parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
+    parser.add_argument("--training", type=Path, action="append", default=[], help="a peer's training stage folder (repeat): its cost")
+    parser.add_argument("--aesthetic", type=Path, help="the aesthetic stage's folder: the filter measured again")
+
+
+def _fmt(value, digits=2, spread=None) -> str:
+    """``value``, with `` ± spread`` (the half-width of its 95% interval over training seeds) when it has one."""
+    if value is None:
+        return "—"
+    return f"{value:.{digits}f}" + ("" if spread is None else f" ± {spread:.{digits}f}")
+
+
+def _fid_interval(ours: dict) -> str:
+    """A row's 95% bootstrap interval of FID over its images (the first training seed's)."""
+    low, high = ours.get("fid_low"), ours.get("fid_high")
+    return "—" if low is None else f"[{low:.2f}, {high:.2f}]"
+
+
+SEED_METRICS = ("fid", "is", "precision", "recall", "alignment", "clip_score")
+
+
+def over_training_seeds(runs: list[dict]) -> dict:
+    """One row's metrics over its training seeds: the mean of each, with ``<key>_spread``, the
+    half-width of its 95% t interval, where there are two seeds or more; the first seed's
+    bootstrap interval of FID (``fid_low``, ``fid_high``) stays."""
+    summary = {**runs[0], "seeds": len(runs)}
+    if len(runs) > 1:
+        for key in SEED_METRICS:
+            if all(key in run for run in runs):
+                summary[key], low, high = over_seeds([run[key] for run in runs])
+                summary[f"{key}_spread"] = (high - low) / 2
+    return summary
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "—"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def paper_entry(paper_rows: list[dict], key: dict) -> dict:
+    """The entry of a paper table whose fields equal ``key`` (fields it lacks count as null)."""
+    matches = [entry for entry in paper_rows if all(entry.get(field) == value for field, value in key.items())]
+    if len(matches) != 1:
+        raise ValueError(f"{len(matches)} paper rows match {key}; expected exactly one")
+    return matches[0]
+
+
+def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[str, list[list[str]]]:
+    """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —.
+    Where the authors' checkpoints were evaluated (rows ``authors_<row>``), Table 1 shows them too."""
+    tables = {}
+    clip_header = ["CLIP score (ours)"] if any("clip_score" in row for row in metrics.values()) else []
+    for name, table in TABLES.items():
+        released = name == "table1" and any(f"authors_{entry.row}" in metrics for entry in table.rows)
+        header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
+        header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
+        header += ["FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", *clip_header, "Training seeds"]
+        rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
+        for entry in table.rows:
+            theirs = paper_entry(paper[name], entry.paper)
+            ours = {"fid": 0.0, "is": real_is} if entry.row is None else metrics.get(entry.row, {})
+            settings = [_cell(theirs.get(column, entry.paper.get(column))) for column in table.columns]
+            cells = [_fmt(theirs.get("fid")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")), _fmt(theirs.get("is")),
+                     _fmt(ours.get("is"), 2, ours.get("is_spread"))]
+            if released:
+                checkpoint = metrics.get(f"authors_{entry.row}", {}) if entry.row else {}
+                cells += [_fmt(checkpoint.get("fid")), _fmt(checkpoint.get("is"))]
+            cells += [_fid_interval(ours)]
+            cells += [_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")]
+            cells += [_fmt(ours.get("clip_score"), 2, ours.get("clip_score_spread"))] if clip_header else []
+            cells += [str(ours.get("seeds", "—")) if entry.row else "—"]
+            rows.append(settings + cells)
+        tables[name] = rows
+    return tables
+
+
+def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_alignment: bool = False) -> list[list[str]]:
+    """SP beside the other perceptual objectives, one row per peer (experiments.PEERS): the same
+    sampling row settings, the evaluation of Table 1, and the cost its training stage measured."""
+    rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment", "CLIP score",
+             "s/step (this run)", "Peak memory MiB (this run)"]]  # fmt: skip
+    for peer in PEERS:
+        ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
+        rows.append([
+            peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
+            _fid_interval(ours), _fmt(ours.get("is"), 2, ours.get("is_spread")),
+            *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
+            _fmt(ours.get("clip_score", ours.get("alignment") if clip_is_alignment else None), 2),
+            _fmt(cost.get("seconds_per_step"), 3), _fmt(cost.get("peak_memory_mib"), 0),
+        ])  # fmt: skip
+    return rows
+
+
+def peers_note() -> str:
+    """How the peers were trained, each peer objective as its plug-in describes itself."""
+    peer_objectives = dict.fromkeys(TRAIN_RUNS[peer.training].objective for peer in PEERS)
+    described = " ".join(f"{objective.label}: {objective.summary}" for objective in map(objectives.get, peer_objectives))
+    return (
+        "Every peer is trained on the same data with the same batch, and sampled like Table 1's rows (DDIM, 25 steps, no "
+        "guidance, the same seeds and captions). MSE (the starting model) is Table 1's MSE model; the others are fine-tuned "
+        "from it for as many steps at the same learning rate as SP, MSE continued with the MSE loss alone, the control for the "
+        f"extra steps. {described} s/step and peak memory are what each training job measured here (jobs ran side by side; "
+        "CPU: the process's peak RSS); benchmarks/sp_step.py compares them in one controlled run."
+    )
+
+
+def aesthetic_section(stats: dict) -> tuple[list[list[str]], str]:
+    """The aesthetic threshold re-applied to the measured scores of the downloaded images."""
+    rows = [["Downloaded samples", "Threshold", "Removed by the measured score", "Corpus score, mean", "Measured score, mean",
+             "Correlation of the two"]]  # fmt: skip
+    rows.append([str(stats["samples"]), f"{stats['threshold']:g}", f"{stats['removed']} ({stats['removed'] / max(stats['samples'], 1):.1%})",
+                 _fmt(stats.get("corpus_mean")), _fmt(stats.get("measured_mean")), _fmt(stats.get("correlation"), 3)])  # fmt: skip
+    note = ("Every downloaded image passed the filter on the score in the corpus metadata. clip-retrieval embedded each one "
+            "(stage clip_embed), the LAION aesthetic predictor scored the embedding anew (stage aesthetic), and the filter's "
+            "threshold was applied to that score: the images it would remove, and how far the two scores agree. At the small "
+            "scales CLIP and predictor are tiny ones trained on the corpus (stages clip and aesthetic_train).")
+    return rows, note
+
+
+ALIGNMENT = {  # what the Alignment column measures, with and without evaluate.clip
+    False: "Alignment: the fraction of samples whose caption's shape and colour the evaluation classifier recognises (0-1); "
+    "CLIP score: 100 times the cosine of the image's and the caption's embeddings by the data stages' CLIP (the tiny one "
+    "trained on the corpus here), the CLIP clip-retrieval embedded the training set with.",
+    True: "Alignment: CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings (0-100).",
+}
+
+
+def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
+    """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed, in seed order."""
+    found: dict[str, list[tuple[int, RowRun]]] = {}
+    for folder in evaluations:
+        metrics, saved = read_json(folder / "metrics.json"), load_file(folder / "features.safetensors")
+        row, seed = unseeded(metrics["row"])
+        found.setdefault(row, []).append((seed, RowRun(metrics, saved["features"], saved.get("alignment"))))
+    return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
+
+
+def _signed(value) -> str:
+    if value is None:
+        return "—"
+    return f"{0.0 if abs(value) < 1e-6 else value:+.3g}"  # float noise of equal numbers shows as +0
+
+
+def describe_finding(finding: Finding) -> str:
+    interval = "" if finding.low is None else f" [{_signed(finding.low)}, {_signed(finding.high)}]"
+    return f"{finding.difference.describe()}: {_signed(finding.estimate)}{interval}, {finding.source}"
+
+
+def claims_table(judged) -> list[list[str]]:
+    rows = [["Claim (paper)", "Verdict", "Difference: ours, 95% interval, over what"]]
+    for claim, verdict, findings in judged:
+        rows.append([claim.text, verdict, "; ".join(map(describe_finding, findings)) or "its rows were not run"])
+    return rows
+
+
+def grid_legend(prompts: list[str]) -> str:
+    """What each grid row was asked for, top to bottom."""
+    if not any(prompts):
+        return "Every row: the empty prompt, each row with its own seed."
+    return "Rows, top to bottom: " + "; ".join(f"{i}. {prompt or '(empty prompt)'}" for i, prompt in enumerate(prompts, 1)) + "."
+
+
+def figures(folder: Path) -> list[tuple[str, str, str]]:
+    """(file name, title, legend) of each figure of the figures stage, in the paper's order."""
+    made = read_json(folder / "figures.json")
+    guidance = made["guidance"]
+    cfg = f"CFG {guidance['cfg']:g}, rescale {guidance['rescale']:g}, {guidance['steps']} steps"
+    return [
+        ("fig3_4.png", f"Figures 3 and 4: MSE | SP | MSE+CFG, 50 NFEs ({cfg}), same seed per row", grid_legend(made["fig3_4_prompts"])),
+        ("fig5_uncond.png", f"Figure 5: unconditional MSE | SP, DDIM {made['fig5_steps']} steps, same seeds", grid_legend([""])),
+        ("fig6_x0.png", "Figure 6: the x0 prediction at each step of a 10-step DDIM, then the final image; MSE, MSE+CFG and SP, same seed",
+         "Blocks of three rows (MSE, MSE+CFG, SP), top to bottom: " + "; ".join(f"{i}. {p}" for i, p in enumerate(made["fig6_prompts"], 1)) + "."),
+        ("loss_curves.png", "Training loss of the four main runs", ""),
+    ]
+
+
+LAYOUT_PAIRS = {  # label -> the two rows whose samples of the same seed and caption are compared
+    "MSE vs SP": ("mse_s25", "sp_s25"),
+    "MSE vs MSE+CFG": ("mse_s25", "mse_cfg75_r07_s25"),
+    "MSE vs MSE, other seed and caption": ("mse_s25", "mse_s25"),  # the distance of samples that share nothing
+}
+
+
+def layout_distances(runs: dict[str, list[RowRun]], resamples: int) -> dict[str, dict] | None:
+    """Section 4.1's "SP keeps layout, CFG changes it" in numbers: per pair of rows, the feature
+    distance of each sample to its twin (same seed and caption; training seed 0), their mean and its
+    95% bootstrap interval, beside that of samples that share nothing (each MSE sample against the
+    next one). None when a row is missing (a partial DAG)."""
+    if not all(row in runs for pair in LAYOUT_PAIRS.values() for row in pair):
+        return None
+    found = {}
+    for label, (first, second) in LAYOUT_PAIRS.items():
+        a, b = runs[first][0].features, runs[second][0].features
+        b = b.roll(1, dims=0) if first == second else b  # one row against itself: another sample
+        values = twin_distances(a, b).double().numpy()
+        low, high = bootstrap(lambda images, values=values: float(values[images].mean()), len(values), resamples or 200)
+        found[label] = {"mean": float(values.mean()), "low": low, "high": high, "per_image": values.tolist()}
+    return found
+
+
+def layout_figure(distances: dict[str, dict], path: Path) -> tuple[str, str, str]:
+    """The layout distances as a figure: a dot per sample, the mean with its interval per pair."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(8, 3.2))
+    for y, found in enumerate(distances.values()):
+        axes.scatter(found["per_image"], [y] * len(found["per_image"]), s=8, alpha=0.35, color="grey")
+        axes.errorbar([found["mean"]], [y], xerr=[[found["mean"] - found["low"]], [found["high"] - found["mean"]]], fmt="o", color="black", capsize=4)
+    axes.set_yticks(range(len(distances)), list(distances))
+    axes.invert_yaxis()
+    axes.set_xlabel("feature distance of the two samples (evaluation network)")
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    pyplot.close(figure)
+    legend = ("Each grey dot is one sample's distance to its twin in the other row (same seed and caption, training seed 0); "
+              "black: the mean and its 95% bootstrap interval. SP keeps MSE's layout where its distance lies well below the "
+              "last line, which pairs samples that share neither seed nor caption; CFG changes it where its distance is larger.")  # fmt: skip
+    return path.name, "Layout: how far SP and CFG move MSE's samples (Sec. 4.1)", legend
+
+
+def run(args, config, scale, out) -> None:
+    paper = yaml.safe_load(args.paper_results.read_text())
+    runs = load_runs(args.evaluation)
+    metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
+    real_is = read_json(args.featnet / "summary.json")["real_is"]
+    tables = build_tables(metrics, paper, real_is)
+    peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training},
+                        clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model)
+    margins = config.report.equivalence_margins
+    evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap, margins.model_dump())
+    judged = judge(evidence)
+    claims = claims_table(judged)
+    shown = figures(args.figures)
+    for file_name, _, _ in shown:
+        shutil.copy2(args.figures / file_name, out / file_name)
+    layout = layout_distances(runs, config.evaluate.bootstrap)
+    shown += [layout_figure(layout, out / "layout.png")] if layout else []
+    caveat = {
+        "paper": "",
+        "rehearsal": " The rehearsal's models and Inception weights are random stand-ins: its numbers test the code paths, not the method.",
+    }.get(scale, " Small-scale numbers are not on the paper's absolute scale; compare the directions (SP vs MSE, CFG vs none) and the gaps.")
+    seeds = (
+        f" The Table 1 and 8 runs are trained with {config.train.seeds} seeds (mean ± half its 95% interval over them); the ablations once."
+        if config.train.seeds > 1 else " Every run is trained once (one training seed)."
+    )  # fmt: skip
+    intro = (
+        f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
+        f"`{config.featnet.kind}` feature network.{seeds}{caveat}"
+    )
+    verdicts_note = (
+        "Each verdict is computed: a difference is supported when its 95% interval lies wholly on the claimed side, contradicted "
+        "when wholly on the other, and not resolved otherwise; intervals are over training seeds where there are several, else a "
+        "paired bootstrap over the images of one run (same seeds and captions), which leaves out how much training runs differ. "
+        "There is no correction for the number of differences: at 95%, about one in twenty resolves by chance. FID: lower is "
+        "better; layout: the mean feature distance between samples of the same seed and caption; '≈' and '≳' allow "
+        f"{margins.recall:g} of recall and {margins.alignment:g} of alignment. {ALIGNMENT[bool(config.evaluate.clip)]}"
+    )
+    sections = [Section("The paper's claims", claims, note=verdicts_note)]
+    sections += [Section(TABLES[name].title, rows, note=TABLES[name].note) for name, rows in tables.items()]
+    if args.aesthetic:
+        data_rows, data_note = aesthetic_section(read_json(args.aesthetic / "stats.json"))
+        sections.append(Section("Data: the aesthetic filter, measured again", data_rows, note=data_note))
+    sections.append(Section("Peers: SP beside LPL and Cas-DM", peers, note=peers_note()))
+    sections += [Section(title, image=file_name, note=legend) for file_name, title, legend in shown]
+    document = Document("Diffusion Model with Perceptual Loss: reproduction report", intro, sections)
+    (out / "report.md").write_text(to_markdown(document))
+    (out / "report.html").write_text(to_html(document, f"Report ({scale})"))
+    verdicts = [
+        {"claim": claim.key, "text": claim.text, "verdict": verdict, "findings": [
+            {"difference": f.difference.describe(), "estimate": f.estimate, "low": f.low, "high": f.high, "source": f.source, "verdict": f.verdict}
+            for f in findings
+        ]}
+        for claim, verdict, findings in judged
+    ]  # fmt: skip
+    layout = {label: {key: value for key, value in found.items() if key != "per_image"} for label, found in (layout or {}).items()}
+    write_json(out / "results.json", {"metrics": metrics, "real_is": real_is, "tables": tables, "peers": peers, "claims": verdicts, "layout": layout})
+    log.info("report: %s", out / "report.md")
