@@ -49,7 +49,7 @@ test: setup
 # After editing src/selfperceptual/pipeline/dag.py or config.py: regenerate dvc.yaml and the params schema.
 generate: setup
 	$(PYTHON) -m selfperceptual.pipeline.dag --write dvc.yaml
-	$(PYTHON) -m selfperceptual.pipeline.config workflow/schemas/params.schema.json
+	$(PYTHON) -m selfperceptual.pipeline.config schema workflow/schemas/params.schema.json
 
 clean-runs:
 	rm -rf runs/$(SCALE)

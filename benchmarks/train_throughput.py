@@ -40,7 +40,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).parent))
-OBJECTIVES = ("mse", "sp", "lpl", "casdm")  # registered objectives (method.objectives), measured in this order
+
+from selfperceptual.method import objectives  # noqa: E402 - no torch: the plug-ins are light
+OBJECTIVES = objectives.names()  # every registered objective (method.objectives), measured in this order
 
 
 def write_shards(folder: Path, count: int, latent: int, length: int, width: int) -> None:

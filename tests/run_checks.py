@@ -71,7 +71,7 @@ def check_outputs_and_runs(copy, scale):
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
     assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)] + ["peers"]
     assert set(runs[runs["tags.comparison"] == "peers"]["tags.stage"]) == {s for p in PEERS for s in (p.training, f"evaluate_{p.row}")}
-    assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "layer_decoder")
+    assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "sp.layer=decoder")
     assert evaluations["metrics.fid"].notna().all() and evaluations["metrics.is"].notna().all()
     trains = runs[runs["tags.kind"] == "train"]
     assert set(trains["tags.objective"]) == {"mse", "sp", "lpl", "casdm"}

@@ -5,7 +5,7 @@ import copy
 import pytest
 import yaml
 
-from selfperceptual.pipeline.config import SCALES, ParamsError, load_params, validate_params
+from selfperceptual.pipeline.config import MERGE_TAG, SCALES, ParamsError, load_params, validate_params
 
 
 @pytest.fixture
@@ -152,3 +152,40 @@ def test_set_overrides_one_key_and_validates_it(repo):
         load_params(repo / "params.yaml", "smoke", ["train.sp.layr=encoder"])
     with pytest.raises(ParamsError, match="expected KEY=VALUE"):
         load_params(repo / "params.yaml", "smoke", ["train.sp.layer"])
+
+
+def _written(node, prefix: str = "") -> set[str]:
+    """The leaf keys a YAML mapping node writes itself, in any section: not those it merges (<<)."""
+    found = set()
+    for key_node, value_node in node.value:
+        if key_node.tag == MERGE_TAG:
+            continue
+        key = f"{prefix}{key_node.value}"
+        found |= _written(value_node, f"{key}.") if isinstance(value_node, yaml.MappingNode) else {key}
+    return found
+
+
+@pytest.mark.parametrize(("scale", "base"), [("rehearsal", "paper"), ("workstation", "paper"), ("smoke", "local")])
+def test_a_derived_scale_is_its_base_plus_what_it_writes(repo, raw, scale, base):
+    """The file's structure states the rule: rehearsal and workstation merge the paper block (smoke
+    the local one) and write only keys they may change; what they do not write is their base's."""
+    root = yaml.compose((repo / "params.yaml").read_text(), Loader=yaml.SafeLoader)
+    blocks = {key.value: value for key, value in root.value}
+    merged = [value for key, value in blocks[scale].value if key.tag == MERGE_TAG]
+    assert len(merged) == 1 and merged[0] is blocks[base]  # an alias composes to its anchor's own node
+    written, own, inherited = _written(blocks[scale]), _leaves(raw[scale]), _leaves(raw[base])
+    assert all(own[key] == inherited[key] for key in own.keys() - written)
+    changed = {key for key in written if own.get(key) != inherited.get(key, "<absent>")}
+    assert changed, f"{scale} changes nothing of {base}"
+    if scale in MAY_DIFFER:
+        assert changed - set(MAY_DIFFER[scale]) == set(), f"the {scale} scale writes keys it must take from paper"
+
+
+def test_show_prints_a_scale_resolved(repo, capsys):
+    from selfperceptual.pipeline.config import main
+
+    assert main(["show", "rehearsal", "--params", str(repo / "params.yaml"), "--set", "train.sp.layer=encoder"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["rehearsal"]
+    resolved = load_params(repo / "params.yaml", "rehearsal", ["train.sp.layer=encoder"])[1].model_dump()
+    assert shown == resolved and shown["train"]["sp"]["layer"] == "encoder" and shown["train"]["compile"] is False
+    assert shown["train"]["casdm"]["metric"] == "vgg"  # what the rehearsal takes from the paper block

@@ -189,3 +189,47 @@ def test_the_docs_list_every_external_input_the_paper_scale_checks(repo):
     named = {line.split(":", 1)[0] for line in missing_external_inputs(load_params(repo / "params.yaml", "paper")[1])}
     assert named <= checked and len(checked) == 11
     assert checked <= listed, sorted(checked - listed)
+
+
+def test_each_stage_carries_the_spec_its_command_is_rendered_from(repo):
+    """Training, sampling and evaluation stages hold their run or row as data; the command is made
+    from it (settings as ``--set key=value``), and the settings apply to the scale block as data."""
+    from selfperceptual.pipeline.config import apply_settings
+    from selfperceptual.pipeline.dag import set_flags
+    from selfperceptual.pipeline.experiments import SampleRow, TrainRun
+
+    config = load_params(repo / "params.yaml", "local")[1]
+    stages = build_stages(config)
+    for stage in stages:
+        if stage.command == "train":
+            assert isinstance(stage.spec, TrainRun) and stage.spec.name == stage.name
+            assert all(flag in stage.args for flag in set_flags(stage.spec.overrides(config)))
+            trained = apply_settings(config, stage.spec.overrides(config)).train
+            assert all(apply_settings(config, {key: value}) == apply_settings(config, dict(stage.spec.settings)) for key, value in stage.spec.settings)
+            assert trained.seed == config.train.seed + stage.spec.seed
+        elif stage.command in ("sample", "evaluate"):
+            assert isinstance(stage.spec, SampleRow)
+            assert stage.command == "evaluate" or f"--row {stage.spec.name}" in stage.args
+    seeded = next(stage for stage in stages if stage.name == "train_sp_seed2")
+    assert "--set train.seed=2" in seeded.args and seeded.spec.overrides(config) == {"train.seed": 2}
+
+
+def test_an_ablation_setting_has_one_spelling_from_params_to_the_report(repo):
+    """A run's setting is the value params.yaml takes; its table row, the paper's numbers beside it
+    and its tracker tag spell it the same."""
+    import yaml
+
+    from selfperceptual.pipeline.config import apply_settings
+    from selfperceptual.pipeline.experiments import ABLATION_RUNS, TABLES
+
+    config = load_params(repo / "params.yaml", "smoke")[1]
+    paper = yaml.safe_load((repo / "workflow/paper_results.yaml").read_text())
+    labelled = {entry.row: entry.paper for table in TABLES.values() for entry in table.rows if entry.row}
+    for ablation in (ablation for ablation in ABLATION_RUNS if ablation.settings):
+        ((key, value),) = ablation.settings
+        setting = key.rsplit(".", 1)[1]
+        assert apply_settings(config, {key: value}).train.sp.model_dump()[setting] == value  # a value params.yaml accepts
+        assert labelled[f"{ablation.name.removeprefix('train_')}_s25"] == {setting: value}
+        assert ablation.ablation == f"sp.{setting}={value}"
+        table = next(name for name, table in TABLES.items() if any(entry.paper.get(setting) == value for entry in table.rows))
+        assert any(entry.get(setting) == value for entry in paper[table]), f"{table} of paper_results.yaml spells {value!r} otherwise"

@@ -147,3 +147,31 @@ def test_an_unregistered_objective_is_an_error_wherever_it_is_named(params_with_
     (tmp_path / "pipeline" / "model_index.json").write_text(json.dumps({"_class_name": "TimeWeightedPipeline"}))
     with pytest.raises(MissingComponent, match="holds a TimeWeightedPipeline, which no registered objective saves"):
         pipeline_class(tmp_path / "pipeline")
+
+
+def test_the_method_imports_nothing_of_the_pipeline():
+    """selfperceptual.method stands alone: no module of it imports selfperceptual.pipeline, at
+    import or inside a function, and importing all of it loads none of the pipeline."""
+    import ast
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import selfperceptual.method as method
+
+    root = Path(method.__file__).parent
+    for path in root.rglob("*.py"):
+        package = ["selfperceptual", *path.relative_to(root.parent).parent.parts]
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom):
+                base = package[: len(package) - node.level + 1] if node.level else []
+                target = ".".join([*base, *(node.module or "").split(".")]).strip(".")
+            elif isinstance(node, ast.Import):
+                target = " ".join(alias.name for alias in node.names)
+            else:
+                continue
+            assert "selfperceptual.pipeline" not in target, f"{path.relative_to(root)} imports {target}"
+    modules = [f"selfperceptual.method.{'.'.join(p.relative_to(root).with_suffix('').parts)}" for p in root.rglob("*.py") if p.name != "__init__.py"]
+    code = f"import importlib, sys; [importlib.import_module(m) for m in {modules!r}]; print(sorted(m for m in sys.modules if m.startswith('selfperceptual.pipeline')))"
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
+    assert loaded == "[]"

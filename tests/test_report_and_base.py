@@ -29,7 +29,7 @@ def test_each_row_sits_beside_the_matching_paper_number(repo):
     assert by_setting[("sp", "—", "—", "50")][5:7] == ["24.42", f"{ours['sp_s50']['fid']:.2f}"]
     assert by_setting[("ground_truth", "—", "—", "—")][7:9] == ["35.28", "7.00"]
     layers = {r[0]: r[1:] for r in tables["table2"][1:]}
-    assert layers["all_decoder"][:4] == ["42.42", f"{ours['sp_layer_decoder_s25']['fid']:.2f}", "19.98", f"{ours['sp_layer_decoder_s25']['is']:.2f}"]
+    assert layers["decoder"][:4] == ["42.42", f"{ours['sp_layer_decoder_s25']['fid']:.2f}", "19.98", f"{ours['sp_layer_decoder_s25']['is']:.2f}"]
     assert layers["midblock"][1] == f"{ours['sp_s25']['fid']:.2f}"  # the main SP run is the baseline of every ablation
     assert {r[0]: r[2] for r in tables["table6"][1:]}["sp_model"] == f"{ours['sp_round2_s25']['fid']:.2f}"
     guided = {(r[0], r[1]): r[3:] for r in tables["table7"][1:]}

@@ -28,9 +28,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from ..method import objectives
-from .config import apply_overrides, load_params
+from .config import apply_settings, load_params
 from .dag import build_stages
-from .experiments import row_named, train_run_named
 
 PEAK_BF16_TFLOPS = {"a100": 312.0, "h100": 989.0, "h200": 989.0}  # dense, SXM parts
 MARGIN = 1.5
@@ -131,8 +130,8 @@ def estimate(config, peak_tflops: float, utilization: float, kept_rows: int, mea
     for stage in stages:
         resources = config.resources.of(stage.command)
         if stage.command == "train":
-            run = train_run_named(stage.name)
-            trained = apply_overrides(config, list(run.settings)).train  # an ablation's settings
+            run = stage.spec
+            trained = apply_settings(config, run.overrides(config)).train  # an ablation's settings
             objective = trained.objective(run.steps_of or run.objective)  # its step count
             per_image = train_flops_per_image(resolution, run.objective, trained.objective(run.objective), config.schedule.num_train_timesteps)
             images = objective.num_steps * config.train.global_batch
@@ -140,7 +139,7 @@ def estimate(config, peak_tflops: float, utilization: float, kept_rows: int, mea
             note = f"{objective.num_steps} steps x {config.train.global_batch}, {per_image / 1e12:.2f} TFLOP/image"
             jobs.append(Job(stage.name, "train", resources.gpus * resources.nodes, seconds / 3600, 1, note))
         elif stage.command == "sample":
-            row = row_named(stage.args.split("--row ")[1].split()[0])
+            row = stage.spec
             per_image = row.nfe * counts["unet_forward"] + counts["vae_decode"] + 2 * counts["text"]
             seconds = config.sample.num_images / config.sample.num_jobs * per_image / rate
             jobs.append(Job(stage.name, "sample", resources.gpus, seconds / 3600, 1,

@@ -11,6 +11,7 @@ params.yaml), Snakemake fills it from its config.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +20,7 @@ import yaml
 
 from ..method import objectives
 from .config import ParamsError, load_params
-from .experiments import PEERS, RELEASED_MODELS, RELEASED_ROWS, plan
+from .experiments import PEERS, RELEASED_MODELS, RELEASED_ROWS, ReleasedModel, SampleRow, TrainRun, plan
 
 PARAMS_FILE = "params.yaml"
 PAPER_RESULTS = "workflow/paper_results.yaml"
@@ -29,10 +30,11 @@ PAPER_RESULTS = "workflow/paper_results.yaml"
 class Stage:
     name: str
     command: str  # the stage command of ``python -m selfperceptual`` (what params.yaml's resources are keyed by)
-    args: str  # what follows the command: input folders and options
+    args: str  # what follows the command: input folders and options, rendered from ``spec``
     deps: tuple[str, ...]
     params: tuple[str, ...]  # keys inside the scale block
     priority: int = 0  # Snakemake starts the highest first among runnable jobs: long jobs early, so no core idles at the end
+    spec: TrainRun | SampleRow | ReleasedModel | None = None  # what the stage was made from (what readers of the DAG read)
 
     @property
     def out(self) -> str:
@@ -64,14 +66,19 @@ def _stage(name: str, command: str, inputs: dict[str, list[str]], params: tuple[
     return Stage(name, command, " ".join([*flags, *([extra] if extra else [])]), deps, params)
 
 
-def _split(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str, num_jobs: int) -> list[Stage]:
+def _split(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str, num_jobs: int, spec=None) -> list[Stage]:
     """One stage, or ``num_jobs`` stages ``<name>_part<i>`` that each do a contiguous block of it."""
     if num_jobs == 1:
-        return [_stage(name, command, inputs, params, extra)]
+        return [replace(_stage(name, command, inputs, params, extra), spec=spec)]
     return [
-        _stage(f"{name}_part{i}", command, inputs, params, " ".join(filter(None, [extra, f"--part {i}/{num_jobs}"])))
+        replace(_stage(f"{name}_part{i}", command, inputs, params, " ".join(filter(None, [extra, f"--part {i}/{num_jobs}"]))), spec=spec)
         for i in range(num_jobs)
     ]
+
+
+def set_flags(overrides: dict[str, object]) -> list[str]:
+    """``--set key=value`` for each setting (the one place settings become command text)."""
+    return [f"--set {key}={value if isinstance(value, str) else json.dumps(value)}" for key, value in overrides.items()]
 
 
 def _names(stages: list[Stage]) -> list[str]:
@@ -123,28 +130,27 @@ def build_stages(config) -> list[Stage]:
         extra = " ".join([
             f"--objective {run.objective} --conditioning {run.conditioning} --checkpoints {checkpoint_dir(run.name)}",
             *([f"--steps-of {run.steps_of}"] if run.steps_of else []),
-            *(f"--set {s}" for s in run.settings),
-            *([f"--set train.seed={config.train.seed + run.seed}"] if run.seed else []),
+            *set_flags(run.overrides(config)),
         ])
         stage = _stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}", *borrowed), extra)
-        stages.append(replace(stage, priority=LONG_RUNNING if objective.long_running else BEFORE_TRAINING))
+        stages.append(replace(stage, priority=LONG_RUNNING if objective.long_running else BEFORE_TRAINING, spec=run))
     for name, source in runs.freezes.items():
         stages.append(replace(_stage(name, "freeze", {"model": [source]}, ()), priority=BEFORE_TRAINING))
     rows = list(runs.rows.values())
     if config.authors:  # the authors' checkpoints, imported as base models are
         for model in RELEASED_MODELS.values():
             path = getattr(config.authors, model.objective)
-            stages.append(_stage(model.name, "base", {}, ("schedule", f"authors.{model.objective}"), f"--set base.pretrained={path}"))
+            stages.append(replace(_stage(model.name, "base", {}, ("schedule", f"authors.{model.objective}"), " ".join(set_flags({"base.pretrained": path}))), spec=model))
         rows += RELEASED_ROWS.values()
     evaluations = []
     for row in rows:
         parts = _split(
-            f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs
+            f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs, row
         )
         clip = {"clip": ["clip"]} if config.clip.model is None else {}  # the CLIP score's CLIP
-        evaluation = _stage(
+        evaluation = replace(_stage(
             f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"], **clip}, ("evaluate", "clip.model")
-        )
+        ), spec=row)
         stages += [*parts, evaluation]
         evaluations.append(evaluation.name)
     figures = {"mse": ["train_mse"], "sp": ["train_sp"], "uncond_mse": ["train_mse_uncond"], "uncond_sp": ["train_sp_uncond"], "corpus": ["corpus"]}

@@ -2,14 +2,18 @@
 and which row of which paper table each one stands beside.
 
 Variants are entries of these registries, never copies of code: a training run is one objective
-and one conditioning of the one training stage, an ablation is a ``--set`` of its SP settings;
-a sampling row is one sampler setting of the one sampling stage. The DAG (``dag.py``) and the
-report (``stages/report.py``) both read them.
+and one conditioning of the one training stage, an ablation is a setting of SP's changed from the
+scale block's (as data: the dotted params key and its value, written as params.yaml writes it); a
+sampling row is one sampler setting of the one sampling stage. The DAG (``dag.py``) makes each
+stage from one of these specs, and the cost model, the report and the trackers' tags read the
+spec, never the command made from it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
+
+from ..method.objectives.sp import SelfPerceptualSettings
 
 
 def seeded(name: str, seed: int) -> str:
@@ -29,9 +33,18 @@ class TrainRun:
     conditioning: str  # text | uncond
     init: str  # stage whose pipeline is the starting point
     inputs: tuple[tuple[str, str], ...] = ()  # (input, stage): what the objective reads besides data and init (SP's f*: a freeze stage)
-    settings: tuple[str, ...] = ()  # --set overrides of the scale block (the ablations)
+    settings: tuple[tuple[str, object], ...] = ()  # (dotted params key, value) set on the scale block: the ablations
     steps_of: str | None = None  # train for this objective's num_steps at its learning rate (the peers' MSE control)
     seed: int = 0  # added to train.seed: the training seeds of the Table 1 and 8 runs (train.seeds)
+
+    def overrides(self, config) -> dict[str, object]:
+        """What this run sets on the scale block ``config``: its settings, and its training seed."""
+        return {**dict(self.settings), **({"train.seed": config.train.seed + self.seed} if self.seed else {})}
+
+    @property
+    def ablation(self) -> str:
+        """Its settings as the trackers tag them (``sp.layer=encoder``), or ``none``."""
+        return " ".join(f"{key.removeprefix('train.')}={value}" for key, value in self.settings) or "none"
 
 
 @dataclass(frozen=True)
@@ -66,7 +79,9 @@ def _frozen(stage: str) -> tuple[tuple[str, str], ...]:
     return (("perceptual", stage),)
 
 
-def _sp_ablation(name: str, *settings: str, init: str = "train_mse", perceptual: str = "freeze") -> TrainRun:
+def _sp_ablation(name: str, init: str = "train_mse", perceptual: str = "freeze", **sp_settings) -> TrainRun:
+    """An SP run that differs from train_sp in ``sp_settings`` (keys of ``train.sp``)."""
+    settings = tuple((f"train.sp.{key}", value) for key, value in sp_settings.items())
     return TrainRun(name, "sp", "text", init=init, inputs=_frozen(perceptual), settings=settings)
 
 
@@ -80,16 +95,16 @@ MAIN_RUNS = (
 # Tables 2-6: SP runs that differ from train_sp in one setting each.
 ABLATION_RUNS = (
     # Table 2: which layer's features (losses summed over the layers).
-    _sp_ablation("train_sp_layer_encoder", "train.sp.layer=encoder"),
-    _sp_ablation("train_sp_layer_decoder", "train.sp.layer=decoder"),
-    _sp_ablation("train_sp_layer_encoder_midblock", "train.sp.layer=encoder_midblock"),
+    _sp_ablation("train_sp_layer_encoder", layer="encoder"),
+    _sp_ablation("train_sp_layer_decoder", layer="decoder"),
+    _sp_ablation("train_sp_layer_encoder_midblock", layer="encoder_midblock"),
     # Table 3: how t' is drawn (the rules are documented in losses.T_PRIME_SAMPLERS).
-    _sp_ablation("train_sp_tprime_near40", "train.sp.t_prime=near40"),
-    _sp_ablation("train_sp_tprime_normal100", "train.sp.t_prime=normal100"),
+    _sp_ablation("train_sp_tprime_near40", t_prime="near40"),
+    _sp_ablation("train_sp_tprime_normal100", t_prime="normal100"),
     # Table 4: distance on the features.
-    _sp_ablation("train_sp_distance_mae", "train.sp.distance=mae"),
+    _sp_ablation("train_sp_distance_mae", distance="mae"),
     # Table 5: the sp2 formulation (Eq. 13-16).
-    _sp_ablation("train_sp_formulation_sp2", "train.sp.formulation=sp2"),
+    _sp_ablation("train_sp_formulation_sp2", formulation="sp2"),
     # Table 6: a second SP round whose perceptual network is the frozen SP model. "Repeat the
     # training process" is read as continuing from the SP model, as the first round continued
     # from the MSE model.
@@ -186,6 +201,15 @@ def _entries(column: str, pairs: dict) -> tuple[TableEntry, ...]:
     return tuple(TableEntry(row, {column: value}) for value, row in pairs.items())
 
 
+def _sp_setting_entries(setting: str, main_first: bool = False) -> tuple[TableEntry, ...]:
+    """The rows of an SP ablation table: each run that changes ``train.sp.<setting>``, labelled with
+    the value it sets, and the main SP run with the setting's default, both as params.yaml writes them."""
+    key = f"train.sp.{setting}"
+    changed = [TableEntry(f"{run.name.removeprefix('train_')}_s25", {setting: dict(run.settings)[key]}) for run in ABLATION_RUNS if key in dict(run.settings)]
+    main = TableEntry("sp_s25", {setting: SelfPerceptualSettings.model_fields[setting].default})
+    return (main, *changed) if main_first else (*changed, main)
+
+
 def _guided(loss: str, cfg, rescale, steps: int | None = None) -> dict:
     return {"loss": loss, "cfg": cfg, "rescale": rescale, **({"steps": steps} if steps else {})}
 
@@ -207,29 +231,20 @@ TABLES = {
     "table2": Table(
         "Table 2: layer l of the perceptual features",
         ("layer",),
-        _entries(
-            "layer",
-            {
-                "all_encoder": "sp_layer_encoder_s25",
-                "all_decoder": "sp_layer_decoder_s25",
-                "all_encoder_midblock": "sp_layer_encoder_midblock_s25",
-                "midblock": "sp_s25",
-            },
-        ),
-        "Encoder features are the outputs of every down block, decoder features those of every up block; the losses are summed.",
+        _sp_setting_entries("layer"),
+        "encoder (the paper's 'all encoder'): the outputs of every down block; decoder ('all decoder'): those of every up "
+        "block; encoder_midblock: both, and the mid block's; the losses are summed.",
     ),
     "table3": Table(
         "Table 3: choice of t' (clamped to [1, T])",
         ("t_prime",),
-        _entries("t_prime", {"t +/- 40": "sp_tprime_near40_s25", "normal(t, 100)": "sp_tprime_normal100_s25", "uniform(1, T)": "sp_s25"}),
-        "The paper leaves the rules open. Ours: t +/- 40 is t' = t - 40 or t + 40 with equal probability; "
-        "N(t, 100) is a normal with standard deviation 100, rounded; both clamped to the schedule's range; "
-        "uniform is drawn independently of t.",
+        _sp_setting_entries("t_prime"),
+        "near40 is the paper's t +/- 40, normal100 its N(t, 100), uniform its uniform(1, T). The paper leaves the rules open. "
+        "Ours: near40 is t' = t - 40 or t + 40 with equal probability; normal100 a normal with standard deviation 100, "
+        "rounded; both clamped to the schedule's range; uniform is drawn independently of t.",
     ),
-    "table4": Table("Table 4: distance on the features", ("distance",), _entries("distance", {"mae": "sp_distance_mae_s25", "mse": "sp_s25"})),
-    "table5": Table(
-        "Table 5: formulation", ("formulation",), _entries("formulation", {"sp": "sp_s25", "sp2": "sp_formulation_sp2_s25"})
-    ),
+    "table4": Table("Table 4: distance on the features", ("distance",), _sp_setting_entries("distance")),
+    "table5": Table("Table 5: formulation", ("formulation",), _sp_setting_entries("formulation", main_first=True)),
     "table6": Table(
         "Table 6: which network is the frozen perceptual network",
         ("perceptual_network",),

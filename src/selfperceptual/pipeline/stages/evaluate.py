@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from .. import tracking
 from ...method.device import runtime
 from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
-from ..experiments import ABLATION_RUNS, peer_tags, row_named, unseeded
+from ..experiments import TRAIN_RUNS, peer_tags, row_named, train_run_named, unseeded
 from ..intervals import FrechetToReference, bootstrap
 from ..io import decode_images, write_json
 from ...method.sampling import grid
@@ -90,7 +90,7 @@ def run(args, config, scale, out) -> None:
         "training_seed": unseeded(row.name)[1],
         "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
         "model": row.model,
-        "ablation": row.model.removeprefix("train_sp_") if row.model in {run.name for run in ABLATION_RUNS} else "none",
+        "ablation": train_run_named(row.model).ablation if row.model in TRAIN_RUNS or unseeded(row.model)[0] in TRAIN_RUNS else "none",
         "objective": row.objective,
         "conditioning": row.conditioning,
         "cfg": row.cfg if row.cfg is not None else "none",
