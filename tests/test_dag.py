@@ -207,6 +207,11 @@ def test_each_stage_carries_the_spec_its_command_is_rendered_from(repo):
             trained = apply_settings(config, stage.spec.overrides(config)).train
             assert all(apply_settings(config, {key: value}) == apply_settings(config, dict(stage.spec.settings)) for key, value in stage.spec.settings)
             assert trained.seed == config.train.seed + stage.spec.seed
+            # What it depends on comes from the spec and what each setting affects (config.AFFECTS):
+            # the trained weights and the loss curve, not speed, memory or what is kept.
+            assert stage.params == stage.spec.params() and f"train.{stage.spec.objective}" in stage.params
+            assert "train.seed" in stage.params and "train.log_every_steps" in stage.params
+            assert not {"train.compile", "train.max_per_device_batch", "train.keep_checkpoints", "train.seeds"} & set(stage.params)
         elif stage.command in ("sample", "evaluate"):
             assert isinstance(stage.spec, SampleRow)
             assert stage.command == "evaluate" or f"--row {stage.spec.name}" in stage.args

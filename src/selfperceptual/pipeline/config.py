@@ -165,20 +165,42 @@ class ScheduleConfig(Section):
     num_train_timesteps: int = Field(gt=1)
 
 
+def affects(kind: str, **field):
+    """A setting's field, marked with what it changes (``AFFECTS``)."""
+    return Field(json_schema_extra={"affects": kind}, **field)
+
+
+# What a training setting changes; the DAG (the params a training stage depends on) and the
+# checkpoints (what a checkpoint may resume under) both read it. Unmarked settings change the weights.
+AFFECTS = {
+    "weights": "what is trained: the stage reruns when it changes, and a checkpoint resumes only under the same",
+    "record": "what the stage writes beside the weights (the loss curve): it reruns, a checkpoint still resumes",
+    "speed": "the weights within float noise only: the stage does not rerun, but checkpoints are kept apart",
+    "memory": "how a step is split or recomputed: neither",
+    "bookkeeping": "what is kept and shown while it trains: neither",
+    "plan": "which stages the DAG has",
+}
+
+
+def settings_affecting(model: type[BaseModel], *kinds: str) -> list[str]:
+    """The fields of ``model`` marked with one of ``kinds`` (unmarked: "weights")."""
+    return [name for name, field in model.model_fields.items() if (field.json_schema_extra or {}).get("affects", "weights") in kinds]
+
+
 class TrainConfig(Section):
     seed: int = 0
-    seeds: int = Field(1, gt=0)  # the Table 1 and 8 runs are trained with seeds seed, seed+1, ...; the report's intervals are over them
+    seeds: int = affects("plan", default=1, gt=0)  # the Table 1 and 8 runs are trained with seeds seed, seed+1, ...; the report's intervals are over them
     global_batch: int = Field(gt=0)  # samples per optimiser step, whatever the number of GPUs
-    max_per_device_batch: int = Field(gt=0)  # memory cap: gradient accumulation makes up the rest
+    max_per_device_batch: int = affects("memory", gt=0)  # memory cap: gradient accumulation makes up the rest
     precision: Precision  # of the forward and backward passes (autocast); weights, optimizer and EMA stay fp32
     ema_decay: float = Field(ge=0.0, lt=1.0)
-    log_every_steps: int = Field(gt=0)  # loss curve points, on disk and in MLflow as training goes
-    preview_every_steps: int = Field(ge=0)  # a preview grid of the EMA model in MLflow (0: only at the end)
-    checkpoint_every_steps: int = Field(gt=0)  # training state saved for resuming (also at the end and on SIGTERM)
-    keep_checkpoints: int = Field(gt=0)  # the latest this many are kept
+    log_every_steps: int = affects("record", gt=0)  # loss curve points, on disk and in MLflow as training goes
+    preview_every_steps: int = affects("bookkeeping", ge=0)  # a preview grid of the EMA model in MLflow (0: only at the end)
+    checkpoint_every_steps: int = affects("bookkeeping", gt=0)  # training state saved for resuming (also at the end and on SIGTERM)
+    keep_checkpoints: int = affects("bookkeeping", gt=0)  # the latest this many are kept
     # Speed, not the method (docs/speed.md): the same losses within float noise.
-    compile: bool = False  # torch.compile the UNet(s) being trained and SP's f*
-    channels_last: bool = False  # NHWC convolutions in the networks of the step (tensor cores' layout)
+    compile: bool = affects("speed", default=False)  # torch.compile the UNet(s) being trained and SP's f*
+    channels_last: bool = affects("speed", default=False)  # NHWC convolutions in the networks of the step (tensor cores' layout)
     # Then one section per registered objective, its settings (method.objectives: train.mse, train.sp,
     # train.lpl, train.casdm and any plug-in's), added by scale_model().
 

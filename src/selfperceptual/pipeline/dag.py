@@ -117,7 +117,6 @@ def build_stages(config) -> list[Stage]:
         *encodes,
         *data_checks(config, downloads),
     ]
-    train_params = ("train.seed", "train.global_batch", "train.precision", "train.ema_decay", "train.log_every_steps", "schedule")
     runs = plan(config.train.seeds)
     for run in runs.train_runs.values():
         objective, settings = objectives.get(run.objective), config.train.objective(run.objective)
@@ -126,13 +125,12 @@ def build_stages(config) -> list[Stage]:
         if missing:
             raise ParamsError(f"{run.name}: objective {run.objective} needs {', '.join(missing)}, which no stage provides")
         inputs = {"data": _names(encodes), "init": [run.init], **{name: [sources[name]] for name in objective.needs(settings)}}
-        borrowed = (f"train.{run.steps_of}.num_steps", f"train.{run.steps_of}.learning_rate") if run.steps_of else ()
         extra = " ".join([
             f"--objective {run.objective} --conditioning {run.conditioning} --checkpoints {checkpoint_dir(run.name)}",
             *([f"--steps-of {run.steps_of}"] if run.steps_of else []),
             *set_flags(run.overrides(config)),
         ])
-        stage = _stage(run.name, "train", inputs, (*train_params, f"train.{run.objective}", *borrowed), extra)
+        stage = _stage(run.name, "train", inputs, run.params(), extra)
         stages.append(replace(stage, priority=LONG_RUNNING if objective.long_running else BEFORE_TRAINING, spec=run))
     for name, source in runs.freezes.items():
         stages.append(replace(_stage(name, "freeze", {"model": [source]}, ()), priority=BEFORE_TRAINING))

@@ -14,6 +14,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from ..method.objectives.sp import SelfPerceptualSettings
+from .config import TrainConfig, settings_affecting
 
 
 def seeded(name: str, seed: int) -> str:
@@ -36,6 +37,13 @@ class TrainRun:
     settings: tuple[tuple[str, object], ...] = ()  # (dotted params key, value) set on the scale block: the ablations
     steps_of: str | None = None  # train for this objective's num_steps at its learning rate (the peers' MSE control)
     seed: int = 0  # added to train.seed: the training seeds of the Table 1 and 8 runs (train.seeds)
+
+    def params(self) -> tuple[str, ...]:
+        """The params.yaml keys its stage depends on: the training settings that change what it
+        trains or records (config.AFFECTS), its objective's section, what it borrows, the schedule."""
+        common = (f"train.{key}" for key in settings_affecting(TrainConfig, "weights", "record"))
+        borrowed = (f"train.{self.steps_of}.num_steps", f"train.{self.steps_of}.learning_rate") if self.steps_of else ()
+        return (*common, "schedule", f"train.{self.objective}", *borrowed)
 
     def overrides(self, config) -> dict[str, object]:
         """What this run sets on the scale block ``config``: its settings, and its training seed."""

@@ -34,8 +34,8 @@ class ObjectiveSettings(BaseModel):
     # Memory, not the method: an objective whose step needs more memory per sample than MSE's takes
     # smaller micro-batches (null: train.max_per_device_batch), or recomputes the UNet's activations
     # in the backward pass instead of keeping them (diffusers' gradient checkpointing).
-    max_per_device_batch: int | None = Field(None, gt=0)
-    gradient_checkpointing: bool = False
+    max_per_device_batch: int | None = Field(None, gt=0, json_schema_extra={"affects": "memory"})
+    gradient_checkpointing: bool = Field(False, json_schema_extra={"affects": "memory"})
 
 
 # FLOPs per image of the networks of a step (pipeline.cost.network_flops), by part: "unet_train"

@@ -17,6 +17,7 @@ import torch
 
 from .. import tracking
 from ..checkpoints import CheckpointStore, fingerprint
+from ..config import TrainConfig, settings_affecting
 from ...method.device import peak_memory_mib, runtime
 from ..distributed import launch_command
 from ..experiments import peer_tags
@@ -116,11 +117,11 @@ def run(args, config, scale, out):
         "init": str(args.init.resolve()), **{name: str(path.resolve()) if path else None for name, path in inputs.items()},
         "steps_of": args.steps_of, "data": [str(folder.resolve()) for folder in args.data], "num_samples": len(data),
     }
-    for key in ("log_every_steps", "preview_every_steps", "checkpoint_every_steps", "keep_checkpoints", "max_per_device_batch"):
+    for key in settings_affecting(TrainConfig, "record", "memory", "bookkeeping"):
         settings["train"].pop(key)  # they change what is logged and kept, or the memory used, not what is trained
     for section in settings["train"].values():
         if isinstance(section, dict):  # an objective's
-            for key in ("max_per_device_batch", "gradient_checkpointing"):
+            for key in settings_affecting(objectives.ObjectiveSettings, "memory"):
                 section.pop(key)
     store = CheckpointStore(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
     log.info("train %s/%s: %d steps of %d on %d samples; checkpoints in %s", args.objective, args.conditioning,
