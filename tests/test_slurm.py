@@ -210,9 +210,12 @@ def test_smoke_scale_runs_through_the_slurm_profile(slurm, tmp_path):
     without that limit, so that a loaded machine cannot stop them."""
     copy = copy_repository(tmp_path / "repo", scale="smoke")
     params = copy / "params.yaml"
-    text = params.read_text().replace("mse: {num_steps: 20,", f"mse: {{num_steps: {MSE_STEPS},", 1)
+    smoke_mse = "mse: {<<: *local_mse, num_steps: 20}"  # the smoke block's line (it merges the local block's)
+    assert smoke_mse in params.read_text()
+    text = params.read_text().replace(smoke_mse, f"mse: {{<<: *local_mse, num_steps: {MSE_STEPS}}}", 1)
     assert SMOKE_RESOURCES in text
     params.write_text(text)
+    assert load_params(params, "smoke")[1].train.mse.num_steps == MSE_STEPS
     env = {**environment(), "SLURM_CONF": slurm["SLURM_CONF"]}
     since = _last_job_id(env)  # the module's other tests ran jobs on this cluster too
     cluster_file = copy / "cluster.yaml"  # the user's settings: not the default partition
