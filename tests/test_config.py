@@ -189,3 +189,29 @@ def test_show_prints_a_scale_resolved(repo, capsys):
     resolved = load_params(repo / "params.yaml", "rehearsal", ["train.sp.layer=encoder"])[1].model_dump()
     assert shown == resolved and shown["train"]["sp"]["layer"] == "encoder" and shown["train"]["compile"] is False
     assert shown["train"]["casdm"]["metric"] == "vgg"  # what the rehearsal takes from the paper block
+
+
+def test_a_stage_reads_only_the_params_it_declares(repo, tmp_path, monkeypatch):
+    """cli.main hands a stage a view of the scale block holding its PARAMS: a stage that reads a key
+    it does not declare (which would then be missing from its DVC params) fails, naming the key,
+    and writes nothing."""
+    from selfperceptual.pipeline import cli
+    from selfperceptual.pipeline.config import ConfigView, UndeclaredParam
+    from selfperceptual.pipeline.stages import corpus
+
+    config = load_params(repo / "params.yaml", "smoke")[1]
+    view = ConfigView(config, ("corpus", "download.resolution"), "corpus")
+    assert view.corpus == config.corpus and view.download.resolution == config.download.resolution
+    assert view.resources.of("corpus") == config.resources.of("corpus")  # how a job runs, never what it computes
+    for read in (lambda: view.filter, lambda: view.download.num_jobs):
+        with pytest.raises(UndeclaredParam, match=r"stage corpus reads (filter|download\.num_jobs), which its PARAMS do not name"):
+            read()
+
+    out = tmp_path / "corpus"
+    argv = ["corpus", "--params", str(repo / "params.yaml"), "--scale", "smoke", "--out", str(out)]
+    monkeypatch.setattr(corpus, "PARAMS", ("corpus",))  # download.resolution left out
+    with pytest.raises(UndeclaredParam, match=r"stage corpus reads download, "):
+        cli.main(argv)
+    assert not out.exists()
+    monkeypatch.setattr(corpus, "PARAMS", ("corpus", "download.resolution"))
+    assert cli.main(argv) == 0 and (out / "summary.json").is_file()

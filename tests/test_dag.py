@@ -1,5 +1,6 @@
 """One DAG: Snakemake's rules and DVC's stages agree in names, commands, deps, params and outputs."""
 
+import ast
 import json
 import re
 import shutil
@@ -12,6 +13,7 @@ import pytest
 import yaml
 from workspace import copy_repository, run
 
+from selfperceptual.pipeline import cli
 from selfperceptual.pipeline.config import SCALES, load_params
 from selfperceptual.pipeline.dag import build_stages, external_inputs, missing_external_inputs, render_dvc_yaml
 
@@ -217,6 +219,52 @@ def test_each_stage_carries_the_spec_its_command_is_rendered_from(repo):
             assert stage.command == "evaluate" or f"--row {stage.spec.name}" in stage.args
     seeded = next(stage for stage in stages if stage.name == "train_sp_seed2")
     assert "--set train.seed=2" in seeded.args and seeded.spec.overrides(config) == {"train.seed": 2}
+
+
+STAGE_MODULES = Path(__file__).resolve().parents[1] / "src" / "selfperceptual" / "pipeline" / "stages"
+METHODS = {"model_dump", "of"}  # config.sample.model_dump(), config.resources.of(...): the section itself is read
+
+
+def _config_reads(module: Path) -> set[str]:
+    """Every ``config.a.b`` a stage module reads, as the dotted key under the scale block."""
+    tree = ast.parse(module.read_text())
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    reads = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == "config":
+            chain, current = [], node
+            while isinstance(parents.get(current), ast.Attribute):
+                current = parents[current]
+                chain.append(current.attr)
+            while chain and chain[-1] in METHODS:
+                chain.pop()
+            if chain:
+                reads.add(".".join(chain))
+    return reads
+
+
+def test_a_stage_s_params_are_what_its_module_reads(repo):
+    """A stage's DVC params are its spec's (a training run, a released model) or its command
+    module's PARAMS; every config key the module's source reads is under one of them (the command
+    line holds it to them at run time too, test_config.py), so no stage goes stale in DVC."""
+    from selfperceptual.pipeline.config import ALWAYS_READABLE
+    from selfperceptual.pipeline.stages import declared_params
+
+    stages = build_stages(load_params(repo / "params.yaml", "local")[1])
+    commands = {stage.command for stage in stages}
+    assert commands == set(cli.STAGES)
+    for stage in stages:
+        expected = stage.spec.params() if hasattr(stage.spec, "params") else declared_params(stage.command)
+        assert stage.params == expected, stage.name
+    for command in commands - {"train"}:  # train's come from its TrainRun (test above)
+        declared = (*declared_params(command), *ALWAYS_READABLE)
+        reads = _config_reads(STAGE_MODULES / f"{command}.py")
+        assert reads or command == "freeze", command  # the scan sees reads (freeze copies a UNet, reading no settings)
+        undeclared = {key for key in reads if not any(key == d or key.startswith(f"{d}.") for d in declared)}
+        assert not undeclared, f"{command} reads {sorted(undeclared)} beyond its PARAMS"
+        unread = {d for d in declared_params(command) if not any(key == d or key.startswith(f"{d}.") or d.startswith(f"{key}.") for key in reads)}
+        assert not unread, f"{command} declares {sorted(unread)}, which it does not read"
+    assert "evaluate.is_splits" in declared_params("featnet")  # once missing from the hand list (Inception Score's splits)
 
 
 def test_an_ablation_setting_has_one_spelling_from_params_to_the_report(repo):

@@ -9,28 +9,20 @@ tracking store failed, 143 stopped by SIGTERM after a checkpoint (rerun to resum
 from __future__ import annotations
 
 import argparse
-import ast
 import errno
 import importlib
-import importlib.util
 import logging
 import sys
 from pathlib import Path
 
-from . import distributed
+from . import distributed, stages
 from ..method.errors import InputError, MethodError
-from .config import ParamsError, load_params
+from .config import ConfigView, ParamsError, load_params
 from .io import atomic_dir, write_json
 from .tracking import TrackingError
 
 STAGES = ("corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train", "aesthetic", "base", "featnet", "encode", "train", "freeze",
           "sample", "evaluate", "figures", "report")
-
-
-def _docstring(name: str) -> str:
-    """A stage's docstring, read from its source without importing it (a stage's imports take seconds)."""
-    origin = importlib.util.find_spec(f"{__package__}.stages.{name}").origin
-    return ast.get_docstring(ast.parse(Path(origin).read_text()))
 
 
 def _parser(chosen: str | None) -> argparse.ArgumentParser:
@@ -40,7 +32,7 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="stage", required=True)
     for name in [chosen] if chosen in STAGES else STAGES:  # a stage that runs needs no listing of the others
         module = importlib.import_module(f".stages.{name}", __package__) if name == chosen else None
-        doc = module.__doc__ if module else _docstring(name)
+        doc = module.__doc__ if module else stages.docstring(name)
         sub = commands.add_parser(name, help=doc.splitlines()[0], description=doc)
         if module is None:
             continue
@@ -79,12 +71,15 @@ def main(argv=None) -> int:
     if command:  # e.g. train on a node with several GPUs: one process per GPU, through accelerate
         logging.getLogger("cli").info("launching: %s", " ".join(command))
         return distributed.run_launch(command)
+    resolved = config
+    if args.module.PARAMS is not None:  # the stage reads what it declares, and nothing else
+        config = ConfigView(config, args.module.PARAMS, args.stage)
     if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
         args.module.run(args, config, scale, None)
         return 0
     try:
         with atomic_dir(args.out) as out:
-            write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **config.model_dump()})
+            write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **resolved.model_dump()})
             report = args.module.run(args, config, scale, out)
     except MethodError as error:  # the method's terms, in the command line's: an input is its flag
         print(f"error: {message(error)}", file=sys.stderr)

@@ -350,6 +350,41 @@ def scale_model() -> type[ScaleConfig]:
     return _scale_model(tuple((name, objective.settings) for name, objective in objectives.registered().items()))
 
 
+# What every stage may read besides its PARAMS: how a job is run, never what it computes.
+ALWAYS_READABLE = ("resources",)
+
+
+class UndeclaredParam(AttributeError):
+    """A stage read a key of the scale block that its module's ``PARAMS`` do not name."""
+
+
+class ConfigView:
+    """The part of a scale block a stage declared it reads (its module's ``PARAMS``, which are also
+    its DVC params): a declared key gives the real value, a key above one gives a view of its
+    section, any other key raises UndeclaredParam. So a stage whose output depends on a key it does
+    not declare fails in the tests instead of going stale in DVC."""
+
+    def __init__(self, config: BaseModel, keys: tuple[str, ...], stage: str, prefix: str = ""):
+        self._config, self._keys, self._stage, self._prefix = config, (*keys, *ALWAYS_READABLE), stage, prefix
+
+    def __getattr__(self, name: str):
+        if name.startswith("_"):
+            raise AttributeError(name)
+        path = f"{self._prefix}{name}"
+        value = getattr(self._config, name)
+        if any(path == key or path.startswith(f"{key}.") for key in self._keys):
+            return value
+        if any(key.startswith(f"{path}.") for key in self._keys):
+            return ConfigView(value, self._keys, self._stage, f"{path}.")
+        raise UndeclaredParam(
+            f"stage {self._stage} reads {path}, which its PARAMS do not name: add it to PARAMS in "
+            f"src/selfperceptual/pipeline/stages/{self._stage}.py (they are its DVC params too; then `make generate`)"
+        )
+
+    def __repr__(self) -> str:
+        return f"ConfigView({self._stage}: {', '.join(self._keys)})"
+
+
 class ParamsError(ValueError):
     """params.yaml is malformed; the message names each offending key."""
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from ..method import objectives
+from .stages import declared_params
 from .config import ParamsError, load_params
 from .experiments import PEERS, RELEASED_MODELS, RELEASED_ROWS, ReleasedModel, SampleRow, TrainRun, plan
 
@@ -32,7 +33,7 @@ class Stage:
     command: str  # the stage command of ``python -m selfperceptual`` (what params.yaml's resources are keyed by)
     args: str  # what follows the command: input folders and options, rendered from ``spec``
     deps: tuple[str, ...]
-    params: tuple[str, ...]  # keys inside the scale block
+    params: tuple[str, ...]  # keys inside the scale block: its spec's, or its command module's PARAMS
     priority: int = 0  # Snakemake starts the highest first among runnable jobs: long jobs early, so no core idles at the end
     spec: TrainRun | SampleRow | ReleasedModel | None = None  # what the stage was made from (what readers of the DAG read)
 
@@ -59,21 +60,21 @@ def checkpoint_dir(stage: str) -> str:
     return f"runs/{{scale}}/checkpoints/{stage}"
 
 
-def _stage(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str = "") -> Stage:
-    """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>`` (repeated)."""
+def _stage(name: str, command: str, inputs: dict[str, list[str]], extra: str = "", spec=None) -> Stage:
+    """A stage whose inputs are other stages' folders, passed as ``--<flag> <folder>`` (repeated).
+    Its params: what its spec depends on where the spec says (a training run, a released model),
+    else what its command's module reads (``PARAMS``, which the command line holds it to)."""
     flags = [f"--{flag} {run_dir(source)}" for flag, sources in inputs.items() for source in sources]
     deps = tuple(run_dir(source) for sources in inputs.values() for source in sources)
-    return Stage(name, command, " ".join([*flags, *([extra] if extra else [])]), deps, params)
+    params = spec.params() if hasattr(spec, "params") else declared_params(command)
+    return Stage(name, command, " ".join([*flags, *([extra] if extra else [])]), deps, params, spec=spec)
 
 
-def _split(name: str, command: str, inputs: dict[str, list[str]], params: tuple[str, ...], extra: str, num_jobs: int, spec=None) -> list[Stage]:
+def _split(name: str, command: str, inputs: dict[str, list[str]], extra: str, num_jobs: int, spec=None) -> list[Stage]:
     """One stage, or ``num_jobs`` stages ``<name>_part<i>`` that each do a contiguous block of it."""
     if num_jobs == 1:
-        return [replace(_stage(name, command, inputs, params, extra), spec=spec)]
-    return [
-        replace(_stage(f"{name}_part{i}", command, inputs, params, " ".join(filter(None, [extra, f"--part {i}/{num_jobs}"]))), spec=spec)
-        for i in range(num_jobs)
-    ]
+        return [_stage(name, command, inputs, extra, spec)]
+    return [_stage(f"{name}_part{i}", command, inputs, " ".join(filter(None, [extra, f"--part {i}/{num_jobs}"])), spec) for i in range(num_jobs)]
 
 
 def set_flags(overrides: dict[str, object]) -> list[str]:
@@ -91,29 +92,27 @@ def data_checks(config, downloads: list[Stage]) -> list[Stage]:
     that train the tiny ones."""
     tiny_clip = config.clip.model is None
     clip = {"clip": ["clip"]} if tiny_clip else {}
-    stages = [_stage("clip", "clip", {"images": _names(downloads)}, ("clip", "download.resolution", "corpus.seed"))] if tiny_clip else []
-    stages.append(_stage("clip_embed", "clip_embed", {"images": _names(downloads), **clip}, ("clip",)))
+    stages = [_stage("clip", "clip", {"images": _names(downloads)})] if tiny_clip else []
+    stages.append(_stage("clip_embed", "clip_embed", {"images": _names(downloads), **clip}))
     predictor = {}
     if config.aesthetic.weights is None:
-        stages.append(_stage("aesthetic_train", "aesthetic_train", {"corpus": ["corpus"], **clip}, ("aesthetic", "clip", "corpus.seed")))
+        stages.append(_stage("aesthetic_train", "aesthetic_train", {"corpus": ["corpus"], **clip}))
         predictor = {"predictor": ["aesthetic_train"]}
-    stages.append(_stage("aesthetic", "aesthetic", {"embeddings": ["clip_embed"], **predictor}, ("aesthetic", "filter.min_aesthetic")))
+    stages.append(_stage("aesthetic", "aesthetic", {"embeddings": ["clip_embed"], **predictor}))
     return stages
 
 
 def build_stages(config) -> list[Stage]:
     """Every stage of one scale (the scale's ``num_jobs`` settings decide how stages are split)."""
-    downloads = _split("download", "download", {"filtered": ["filter"], "corpus": ["corpus"]}, ("download",), "", config.download.num_jobs)
-    encodes = _split(
-        "encode", "encode", {"images": _names(downloads), "base": ["base"]}, ("encode",), "", config.encode.num_jobs
-    )
+    downloads = _split("download", "download", {"filtered": ["filter"], "corpus": ["corpus"]}, "", config.download.num_jobs)
+    encodes = _split("encode", "encode", {"images": _names(downloads), "base": ["base"]}, "", config.encode.num_jobs)
     stages = [
-        _stage("corpus", "corpus", {}, ("corpus", "download.resolution")),
-        _stage("filter", "filter", {"corpus": ["corpus"]}, ("filter",)),
+        _stage("corpus", "corpus", {}),
+        _stage("filter", "filter", {"corpus": ["corpus"]}),
         *downloads,
         # A pretrained base model needs no downloaded images (the tiny one trains its VAE on them).
-        _stage("base", "base", {} if config.base.pretrained else {"images": _names(downloads)}, ("base", "schedule", "download.resolution")),
-        _stage("featnet", "featnet", {"corpus": ["corpus"]}, ("featnet", "evaluate.batch", "evaluate.precision", "corpus.seed", "download.resolution")),
+        _stage("base", "base", {} if config.base.pretrained else {"images": _names(downloads)}),
+        _stage("featnet", "featnet", {"corpus": ["corpus"]}),
         *encodes,
         *data_checks(config, downloads),
     ]
@@ -130,35 +129,31 @@ def build_stages(config) -> list[Stage]:
             *([f"--steps-of {run.steps_of}"] if run.steps_of else []),
             *set_flags(run.overrides(config)),
         ])
-        stage = _stage(run.name, "train", inputs, run.params(), extra)
-        stages.append(replace(stage, priority=LONG_RUNNING if objective.long_running else BEFORE_TRAINING, spec=run))
+        stage = _stage(run.name, "train", inputs, extra, run)
+        stages.append(replace(stage, priority=LONG_RUNNING if objective.long_running else BEFORE_TRAINING))
     for name, source in runs.freezes.items():
-        stages.append(replace(_stage(name, "freeze", {"model": [source]}, ()), priority=BEFORE_TRAINING))
+        stages.append(replace(_stage(name, "freeze", {"model": [source]}), priority=BEFORE_TRAINING))
     rows = list(runs.rows.values())
     if config.authors:  # the authors' checkpoints, imported as base models are
         for model in RELEASED_MODELS.values():
             path = getattr(config.authors, model.objective)
-            stages.append(replace(_stage(model.name, "base", {}, ("schedule", f"authors.{model.objective}"), " ".join(set_flags({"base.pretrained": path}))), spec=model))
+            stages.append(_stage(model.name, "base", {}, " ".join(set_flags({"base.pretrained": path})), model))
         rows += RELEASED_ROWS.values()
     evaluations = []
     for row in rows:
-        parts = _split(
-            f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, ("sample",), f"--row {row.name}", config.sample.num_jobs, row
-        )
+        parts = _split(f"sample_{row.name}", "sample", {"model": [row.model], "corpus": ["corpus"]}, f"--row {row.name}", config.sample.num_jobs, row)
         clip = {"clip": ["clip"]} if config.clip.model is None else {}  # the CLIP score's CLIP
-        evaluation = replace(_stage(
-            f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"], **clip}, ("evaluate", "clip.model")
-        ), spec=row)
+        evaluation = _stage(f"evaluate_{row.name}", "evaluate", {"samples": _names(parts), "featnet": ["featnet"], "corpus": ["corpus"], **clip}, spec=row)
         stages += [*parts, evaluation]
         evaluations.append(evaluation.name)
     figures = {"mse": ["train_mse"], "sp": ["train_sp"], "uncond_mse": ["train_mse_uncond"], "uncond_sp": ["train_sp_uncond"], "corpus": ["corpus"]}
-    stages.append(_stage("figures", "figures", figures, ("figures", "sample.precision", "schedule")))
+    stages.append(_stage("figures", "figures", figures))
     report = _stage(
         "report", "report",
         {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS], "aesthetic": ["aesthetic"]},
-        ("report", "evaluate.bootstrap", "train.seeds"), f"--paper-results {PAPER_RESULTS}",
+        f"--paper-results {PAPER_RESULTS}",
     )  # fmt: skip
-    stages.append(Stage(report.name, report.command, report.args, (*report.deps, PAPER_RESULTS), report.params))
+    stages.append(replace(report, deps=(*report.deps, PAPER_RESULTS)))
     return stages
 
 

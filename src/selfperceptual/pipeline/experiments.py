@@ -139,6 +139,10 @@ class ReleasedModel:
     objective: str  # mse | sp: the key of params.yaml's ``authors`` block
     conditioning: str = "text"
 
+    def params(self) -> tuple[str, ...]:
+        """What its import stage depends on: where the checkpoint is, and the schedule it is read under."""
+        return ("schedule", f"authors.{self.objective}")
+
 
 RELEASED_MODELS = {model.name: model for model in (ReleasedModel("authors_mse", "mse"), ReleasedModel("authors_sp", "sp"))}
 MODELS = {**TRAIN_RUNS, **RELEASED_MODELS}  # every model a sampling row can name

@@ -19,6 +19,8 @@ from ..data.embeddings import read_embeddings
 from ..io import write_json
 
 log = logging.getLogger("aesthetic")
+# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
+PARAMS = ("aesthetic", "filter.min_aesthetic")
 
 
 def add_arguments(parser) -> None:

@@ -28,6 +28,8 @@ from ...method.models import (
 )
 
 log = logging.getLogger("base")
+# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
+PARAMS = ("base", "schedule", "download.resolution")
 
 
 def add_arguments(parser) -> None:
@@ -37,28 +39,28 @@ def add_arguments(parser) -> None:
     )
 
 
-def train_vae(vae, images: torch.Tensor, config, seed: int) -> list[tuple[int, float]]:
+def train_vae(vae, images: torch.Tensor, settings, seed: int) -> list[tuple[int, float]]:
     """Reconstruction (L1 + MSE) plus a small KL term on random crops, in fp32 on the stage's
     device (random draws on the CPU, so the result is the same on any device up to float
     rounding); returns the loss curve and leaves ``vae`` on the CPU."""
     generator = torch.Generator().manual_seed(seed)
     device = runtime("fp32").device
     vae.to(device)
-    optimizer = torch.optim.Adam(vae.parameters(), lr=config.learning_rate)
-    crop, side = min(config.train_crop, images.shape[-1]), images.shape[-1]
+    optimizer = torch.optim.Adam(vae.parameters(), lr=settings.learning_rate)
+    crop, side = min(settings.train_crop, images.shape[-1]), images.shape[-1]
     curve = []
-    for step in tqdm(range(config.train_steps), desc="vae", mininterval=5):
+    for step in tqdm(range(settings.train_steps), desc="vae", mininterval=5):
         top, left = (int(v) for v in torch.randint(0, side - crop + 1, (2,), generator=generator))
-        batch = images[torch.randint(0, len(images), (config.batch,), generator=generator)]
+        batch = images[torch.randint(0, len(images), (settings.batch,), generator=generator)]
         batch = batch[..., top : top + crop, left : left + crop].to(device)
         posterior = vae.encode(batch).latent_dist
         latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(device)
         recon = vae.decode(latents).sample
-        loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + config.kl_weight * posterior.kl().mean()
+        loss = (recon - batch).abs().mean() + ((recon - batch) ** 2).mean() + settings.kl_weight * posterior.kl().mean()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-        if step % 25 == 0 or step == config.train_steps - 1:
+        if step % 25 == 0 or step == settings.train_steps - 1:
             curve.append((step, loss.item()))
     vae.cpu()
     return curve
@@ -71,20 +73,20 @@ def latent_scaling_factor(vae, images: torch.Tensor) -> float:
     return float(1.0 / means.std())
 
 
-def build_tiny(config, resolution: int, images_dirs: list[Path]) -> dict:
+def build_tiny(settings, resolution: int, images_dirs: list[Path]) -> dict:
     samples = list(iter_samples(images_dirs))
     if not samples:
         raise SystemExit(f"base: base.pretrained is null, so the tiny model trains its VAE on --images, and there are none in {images_dirs}")
     captions = [caption for _, _, caption in samples]
     images = to_tensor([image for _, image, _ in samples])
-    tokenizer = build_tokenizer(captions, config.text.max_length)
-    text_encoder = build_text_encoder(tokenizer, config.text, config.seed)
-    vae = build_vae(config.vae, resolution, config.seed)
-    curve = train_vae(vae, images, config.vae, config.seed)
+    tokenizer = build_tokenizer(captions, settings.text.max_length)
+    text_encoder = build_text_encoder(tokenizer, settings.text, settings.seed)
+    vae = build_vae(settings.vae, resolution, settings.seed)
+    curve = train_vae(vae, images, settings.vae, settings.seed)
     vae.eval()
     vae.register_to_config(scaling_factor=latent_scaling_factor(vae, images))
-    latent_size = resolution // 2 ** (len(config.vae.block_out_channels) - 1)
-    unet = build_unet(config.unet, latent_size, config.vae.latent_channels, config.text.hidden_size, config.seed)
+    latent_size = resolution // 2 ** (len(settings.vae.block_out_channels) - 1)
+    unet = build_unet(settings.unet, latent_size, settings.vae.latent_channels, settings.text.hidden_size, settings.seed)
     return {
         "components": (vae, text_encoder, tokenizer, unet),
         "summary": {

@@ -11,6 +11,8 @@ from ..data.filtering import MetadataError, check_schema, filter_rows
 from ..io import write_json
 
 log = logging.getLogger("filter")
+# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
+PARAMS = ("filter",)
 
 
 def add_arguments(parser) -> None:

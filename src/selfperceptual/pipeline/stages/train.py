@@ -30,6 +30,8 @@ from ...method.schedule import Schedule
 from ..training import LatentData, Monitor, TrainingInterrupted, train
 
 log = logging.getLogger("train")
+# Its params come from the TrainRun it runs (experiments.TrainRun.params(): what each setting affects, config.AFFECTS).
+PARAMS = None
 PREVIEW_IMAGES = 8
 EXIT_SIGTERM = 143  # 128 + SIGTERM: what a job killed at its time limit reports
 
