@@ -20,7 +20,8 @@ Snakemake starts one for a run on this machine (not for cluster jobs) on Linux w
 ``SP_WARM_STAGES=0`` to start every stage as a new process. Of a served stage, Snakemake's
 ``benchmark`` file has the wall time only: its memory and CPU are in the server's fork, not the job.
 
-    python -m selfperceptual.pipeline.warm SOCKET     # the server (Snakefile starts and stops it)
+    python -m selfperceptual.pipeline.warm SOCKET           # the server (Snakefile starts and stops it)
+    python -m selfperceptual.pipeline.warm --run dvc repro  # any command, its stages served (DVC starts none)
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ THREAD_SETTINGS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS",
 PER_COMMAND = ("TMPDIR", "TMP", "TEMP", "TEMPDIR", "PWD", "OLDPWD")
 # Read by nobody at import: the shell's nesting level and last command, MLflow's telemetry session.
 UNREAD = ("SHLVL", "_", "_MLFLOW_TELEMETRY_SESSION_ID")
+# Set by DVC for each command it runs (dvc/stage/run.py, dvc/repo/experiments), read by no library at import.
+DVC_PER_COMMAND = ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_BASELINE_REV", "DVC_EXP_NAME")
 # Set by a launcher in each process of a multi-GPU job: those run as new processes.
 LAUNCHED = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
 # Training runs for minutes to days, and reports its process's peak memory (a fork's would count
@@ -164,7 +167,7 @@ def start(local: bool) -> Server | None:
     path = os.path.join(folder, "socket")
     # os.environ as Snakemake passes it to its jobs (a library's own setenv is not in it); the
     # server's own session: signals reach a stage through its command only.
-    process = subprocess.Popen([sys.executable, "-m", __name__, path], env=dict(os.environ), start_new_session=True)
+    process = subprocess.Popen([sys.executable, "-m", f"{__package__}.warm", path], env=dict(os.environ), start_new_session=True)
     os.environ[SERVER_ENV] = path
     return Server(process, folder)
 
@@ -205,7 +208,7 @@ def preload() -> dict[str, str]:
 
 def differences(env: dict[str, str], server_env: dict[str, str]) -> list[str]:
     """Variables set differently from the server's, other than thread settings."""
-    keys = (set(env) | set(server_env)) - set(THREAD_SETTINGS) - set(PER_COMMAND) - set(UNREAD) - {SERVER_ENV}
+    keys = (set(env) | set(server_env)) - set(THREAD_SETTINGS) - set(PER_COMMAND) - set(DVC_PER_COMMAND) - set(UNREAD) - {SERVER_ENV}
     return sorted(key for key in keys if env.get(key) != server_env.get(key))
 
 
@@ -373,7 +376,28 @@ def _exit_handlers() -> None:
             pass
 
 
+def run_with_server(command: list[str]) -> int:
+    """Runs ``command`` (``dvc repro``, ``dvc exp run``, a script) with a stage server for the
+    stages it starts; returns its exit status. Ctrl-C reaches the command from the terminal, as
+    it would without this; SIGTERM and SIGHUP are passed on to it."""
+    if not command:
+        raise SystemExit("usage: python -m selfperceptual.pipeline.warm --run COMMAND [ARG ...]")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    server = start(local=True)
+    try:
+        process = subprocess.Popen(command)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        for signum in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(signum, lambda signum, frame: _send(process.pid, signum))
+        return process.wait()
+    finally:
+        if server:
+            server.stop()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["--run"]:
+        sys.exit(run_with_server(sys.argv[2:]))
     path = sys.argv[1]
     started = time.monotonic()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as python -m selfperceptual sets it
