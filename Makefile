@@ -42,9 +42,9 @@ clip-env: $(CLIP_STAMP)
 run: setup
 	snakemake --cores all --config scale=$(SCALE)
 
-# Two workers: the end-to-end runs start first, side by side (tests/conftest.py orders them).
+# Three workers on two cores: the end-to-end runs start first, side by side (tests/conftest.py orders them).
 test: setup
-	$(PYTHON) -m pytest -n 2 --dist loadgroup --no-loadscope-reorder
+	$(PYTHON) -m pytest -n 3 --dist loadgroup --no-loadscope-reorder
 
 # After editing src/selfperceptual/pipeline/dag.py or config.py: regenerate dvc.yaml and the params schema.
 generate: setup

@@ -8,9 +8,9 @@ import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
-# A thread per core, shared among the workers: `make test` runs two pytest-xdist workers, and every
-# process a test starts (a stage, a pipeline's jobs) inherits this. Left alone, each process takes a
-# thread per core, and on two cores four busy threads fight: the tests outside the three end-to-end
+# A thread per core, shared among the workers (at least one each): `make test` runs three pytest-xdist
+# workers, and every process a test starts (a stage, a pipeline's jobs) inherits this. Left alone, each
+# process takes a thread per core, and on two cores four busy threads fight (with two workers): the tests outside the three end-to-end
 # runs took 580 s of wall time and 1092 s of CPU that way, 468 s and 848 s with one thread each.
 # pytest-xdist's controller imports this file too, before it knows the number of workers, and its
 # workers inherit its environment: so a value the user set is passed on under its own name, and each
@@ -34,15 +34,16 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 
 REPO = Path(__file__).resolve().parents[1]
 
-# The end-to-end runs first, longest first: `make test` runs the suite on two pytest-xdist workers
-# (-n 2 --dist loadgroup --no-loadscope-reorder), which take two tests each to start with, in
-# this order: the two longest start at once and the short tests fill in around them.
+# The end-to-end runs first, longest first: `make test` runs the suite on three pytest-xdist workers
+# (-n 3 --dist loadgroup --no-loadscope-reorder), which take two work units each to start with, in
+# this order (test_slurm.py is one unit: its tests share one SLURM cluster). Three workers on two
+# cores: the end-to-end runs wait on SLURM, on Snakemake's polling and on subprocesses, and a third
+# worker fills that time.
 FIRST = (
     "test_snakemake_runs_the_rehearsal_scale",  # worker 1, the longest: nothing else long is queued behind it
-    "test_dvc_exp_run_runs_each_kind_of_smoke_stage",  # worker 2
+    "test_smoke_scale_runs_through_the_slurm_profile",  # worker 2, with the rest of test_slurm.py
+    "test_dvc_exp_run_runs_each_kind_of_smoke_stage",  # worker 3
     "test_sigterm_then_sigkill_then_resume",  # worker 1, after the rehearsal
-    "test_smoke_scale_runs_through_the_slurm_profile",  # worker 2, after the DVC run
-    "test_slurm_accepts_and_places_every_paper_scale_job",  # beside it: the module's one SLURM cluster serves both
 )
 
 
