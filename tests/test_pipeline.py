@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from run_checks import check_outputs_and_runs
+from run_checks import check_outputs_and_runs, finished_runs
 from workspace import copy_repository, environment, run, serve
 
 from selfperceptual.pipeline.config import load_params
@@ -108,6 +108,9 @@ def test_dvc_exp_run_runs_each_kind_of_smoke_stage(tmp_path):
     served = [sys.executable, "-m", "selfperceptual.pipeline.warm", "--run"]
     output = run([*served, sys.executable, "-m", "dvc", "exp", "run", "-S", "scale=smoke", *DVC_TARGETS], copy, timeout=3600)  # shares the CPUs with the rehearsal run
     assert "stage server ready" in output.stderr and "in a new process" not in output.stdout + output.stderr
+    runs = finished_runs(copy, "smoke")  # training (a new process) and the served stages: one execution
+    assert {"train", "evaluate"} <= set(runs["tags.kind"]) and len(set(runs["tags.pipeline_execution"])) == 1
+    assert runs["tags.pipeline_execution"].iloc[0].startswith("dvc-")
     assert not (copy / "runs" / "local").exists()
     stages = {stage.name: stage for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1])}
     lock = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]  # the checkout's lock records the local scale

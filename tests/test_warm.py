@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from mlflow import MlflowClient
 from workspace import REPO, environment
 
 from selfperceptual.pipeline import warm
@@ -49,11 +50,11 @@ def _command(stage, out, *arguments, scale="smoke"):
             "--out", str(out), *map(str, arguments)]
 
 
-def _run(server, command, served: bool, **env):
+def _run(server, command, served: bool, cwd=None, **env):
     environ = {**server.env, **env}
     if not served:
         environ.pop(warm.SERVER_ENV, None)
-    return subprocess.run(command, env=environ, capture_output=True, text=True, timeout=900)
+    return subprocess.run(command, env=environ, cwd=cwd, capture_output=True, text=True, timeout=900)
 
 
 def _forks(server) -> list[psutil.Process]:
@@ -81,6 +82,26 @@ def test_a_served_stage_writes_what_a_new_process_writes(server, smoke_stages, t
     assert one.returncode == 0, one.stderr[-3000:]
     weights = "pipeline/vae/diffusion_pytorch_model.safetensors"
     assert (tmp_path / "one" / weights).read_bytes() != (tmp_path / "served" / weights).read_bytes()
+
+
+def test_a_served_training_trains_what_a_new_process_trains_and_says_it_was_served(server, smoke_stages, tmp_path):
+    """Training is served too: the same weights as a new process's, its run tagged with how it ran
+    (a served stage's max RSS counts the server's libraries)."""
+    def train(name, served):
+        command = _command("train", tmp_path / name, "--data", smoke_stages / "encode", "--init", smoke_stages / "base", "--objective", "mse",
+                           "--conditioning", "text", "--checkpoints", tmp_path / f"{name}-checkpoints", "--set", "train.mse.num_steps=4")
+        result = _run(server, command, served=served, cwd=tmp_path)  # its MLflow store: tmp_path/mlflow.db
+        assert result.returncode == 0 and "in a new process" not in result.stderr, result.stderr[-3000:]
+        return result
+
+    before = {fork.pid for fork in _forks(server)}
+    train("served", served=True)
+    train("fresh", served=False)
+    _same_files(tmp_path / "served" / "pipeline", tmp_path / "fresh" / "pipeline")
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = {run.info.run_name: run.data.tags["process"] for run in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    assert runs == {"served": "served", "fresh": "new"}
+    assert not {fork.pid for fork in _forks(server)} - before  # the served one ended and was reaped
 
 
 def test_a_served_stage_reports_bad_params_on_its_own_stderr(server, tmp_path):
@@ -115,10 +136,9 @@ def test_what_differs_from_the_server_runs_as_a_new_process(server, tmp_path, mo
     monkeypatch.setattr(os, "environ", {**server.env, "OMP_NUM_THREADS": "1", "TMPDIR": str(tmp_path), "PWD": str(tmp_path)})
     assert warm.delegate(path, argv) == 0
     assert (tmp_path / "out" / "params.json").is_file()
-    # A variable read at import (diffusers' verbosity) set otherwise than the server had it; a training stage.
+    # A variable read at import (diffusers' verbosity) set otherwise than the server had it.
     os.environ["DIFFUSERS_VERBOSITY"] = "debug"
     assert warm.delegate(path, argv) is None
     del os.environ["DIFFUSERS_VERBOSITY"]
-    assert warm.delegate(path, [argv[0], "train", *argv[2:]]) is None
     os.environ["LOCAL_RANK"] = "0"  # a launched worker of a multi-GPU job
     assert warm.delegate(path, argv) is None

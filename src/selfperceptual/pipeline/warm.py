@@ -10,10 +10,12 @@ life: it passes SIGTERM, SIGINT and the rest on to the stage, exits with the sta
 the stage dies with it if it is killed.
 
 Where the server cannot serve a command exactly as a new process would run it, the command runs in
-a new process as before: a training stage (it reports its process's peak memory, and runs long), a
-command before the server is listening, a launched worker of a multi-GPU job, or (logged) one whose
-environment differs from the server's in more than thread, temporary-folder and working-directory
-settings (libraries read many variables once, at import).
+a new process as before: a command before the server is listening, a launched worker of a
+multi-GPU job, or (logged) one whose environment differs from the server's in more than thread,
+temporary-folder and working-directory settings (libraries read many variables once, at import).
+A served training stage's ``peak_memory_mib`` on the CPU (its max RSS) counts only the pages of the
+server's libraries that the fork touched, less than a new process's; its MLflow run is tagged
+``process: served``.
 
 Snakemake starts one for a run on this machine (not for cluster jobs) on Linux without NVIDIA GPUs
 (a fork must not inherit a CUDA context; a GPU stage's start-up is small beside its work). Set
@@ -56,9 +58,7 @@ UNREAD = ("SHLVL", "_", "_MLFLOW_TELEMETRY_SESSION_ID")
 DVC_PER_COMMAND = ("DVC_ROOT", "DVC_STAGE", "DVC_EXP_BASELINE_REV", "DVC_EXP_NAME")
 # Set by a launcher in each process of a multi-GPU job: those run as new processes.
 LAUNCHED = ("RANK", "LOCAL_RANK", "WORLD_SIZE")
-# Training runs for minutes to days, and reports its process's peak memory (a fork's would count
-# only the pages it touched of what the server imported): it starts as a new process.
-NEW_PROCESS = ("train",)
+SERVED = False  # True in a stage forked from the server (a training run's tags say so: its max RSS is the fork's)
 FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGQUIT, signal.SIGUSR1, signal.SIGUSR2)
 _HEADER = struct.Struct("!I")
 _STATUS = struct.Struct("!i")
@@ -72,8 +72,7 @@ log = logging.getLogger("warm")
 def delegate(path: str, argv: list[str]) -> int | None:
     """Runs ``argv`` (``sys.argv`` of ``python -m selfperceptual``) in a fork of the server at
     ``path``; returns its exit status, or None when it must run in this process instead."""
-    stage = next((arg for arg in argv[1:] if not arg.startswith("-")), None)
-    if stage in NEW_PROCESS or any(name in os.environ for name in LAUNCHED):
+    if any(name in os.environ for name in LAUNCHED):
         return None
     client = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
@@ -344,6 +343,9 @@ def run_stage(argv: list[str]) -> NoReturn:
     process does: its open files are closed by then, and the exit handlers still run)."""
     from .cli import main
 
+    import importlib
+
+    importlib.import_module(f"{__package__}.warm").SERVED = True  # the server runs as __main__: the stages' copy
     sys.argv = list(argv)
     try:
         code = main(argv[1:])
@@ -382,7 +384,14 @@ def run_with_server(command: list[str]) -> int:
     it would without this; SIGTERM and SIGHUP are passed on to it."""
     if not command:
         raise SystemExit("usage: python -m selfperceptual.pipeline.warm --run COMMAND [ARG ...]")
+    from uuid import uuid4
+
+    from .tracking import EXECUTION_ENV
+
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    # One execution for its runs in MLflow, whether a stage is served or not (as the Snakefile does).
+    label = next((word for word in command if not word.startswith("-") and "python" not in os.path.basename(word)), "command")
+    os.environ.setdefault(EXECUTION_ENV, f"{os.path.basename(label)}-{uuid4().hex[:12]}")
     server = start(local=True)
     try:
         process = subprocess.Popen(command)

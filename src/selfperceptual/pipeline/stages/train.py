@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .. import tracking
+from .. import tracking, warm
 from ..checkpoints import CheckpointStore, fingerprint
 from ..config import TrainConfig, settings_affecting
 from ...method.device import peak_memory_mib, runtime
@@ -135,7 +135,7 @@ def run(args, config, scale, out):
             scale,
             stage=args.out.name,
             params={"objective": args.objective, "conditioning": args.conditioning, "steps_of": args.steps_of, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
-            tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train",
+            tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", "process": "served" if warm.SERVED else "new",
                   **objective.tags(settings_of, inputs), **peer_tags(args.out.name)},
             state_file=store.folder / "mlflow_run.json",
         )
