@@ -75,6 +75,7 @@ WARM = []
 
 onstart:
     tracking.prepare(SCALE)
+    tracking.start_execution(SCALE, "snakemake")  # the run its stages' runs nest under
     WARM.append(warm.start(local=workflow.local_exec))
 
 
@@ -86,10 +87,12 @@ def stop_warm():
 
 onerror:
     stop_warm()
+    tracking.end_execution(SCALE, "FAILED")
 
 
 onsuccess:
     stop_warm()
+    tracking.end_execution(SCALE, "FINISHED")
     # Record what ran with DVC, so `dvc status` agrees with Snakemake. dvc.yaml follows the scale
     # params.yaml names; a run of another scale (--config scale=...) is left unrecorded.
     done = [stage.name for stage in STAGES if os.path.isdir(at_scale(stage.out))]

@@ -15,7 +15,14 @@ VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
 def finished_runs(copy, scale):
     mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=[f"self-perceptual-{scale}"])
-    return runs[runs["status"] == "FINISHED"]
+    return runs[(runs["status"] == "FINISHED") & (runs["tags.kind"] != "execution")]
+
+
+def execution_runs(copy, scale):
+    """The parent runs, one per pipeline execution."""
+    mlflow.set_tracking_uri(f"sqlite:///{copy / 'mlflow.db'}")
+    runs = mlflow.search_runs(experiment_names=[f"self-perceptual-{scale}"])
+    return runs[runs["tags.kind"] == "execution"]
 
 
 def check_outputs_and_runs(copy, scale):
@@ -64,9 +71,14 @@ def check_outputs_and_runs(copy, scale):
     assert (runs["tags.kind"] == "figures").sum() == 1
     assert set(runs["tags.stage"]) >= data_stages
     assert runs["tags.pipeline_execution"].nunique() == 1
+    parents = execution_runs(copy, scale)  # Snakemake's onstart made it, its onsuccess ended it
+    assert len(parents) == 1 and set(runs["tags.mlflow.parentRunId"]) == {parents.iloc[0]["run_id"]}
+    assert parents.iloc[0]["status"] == "FINISHED" and parents.iloc[0]["tags.closed_by"] == "snakemake"
     evaluations = runs[runs["tags.kind"] == "evaluate"].set_index("tags.row")
     assert set(evaluations.index) == rows
     row = evaluations.loc["mse_cfg75_r07_s25"]
+    (trained,) = runs[runs["tags.stage"] == "train_mse"]["run_id"]
+    assert row["tags.model_run_id"] == trained  # an evaluation names the run that trained its model
     assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
     assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)] + ["peers"]

@@ -252,7 +252,7 @@ def test_a_truncated_latent_shard_stops_training_before_the_first_step(capsys, r
                         "--conditioning", "text", "--checkpoints", tmp_path / "checkpoints")
     assert code == 1 and first.startswith(f"--data {data / 'shards'}: {shard}: truncated")
     assert_nothing_written(tmp_path / "out")
-    assert not list((tmp_path / "checkpoints").glob("*/step-*"))
+    assert not list((tmp_path / "checkpoints").glob("*/run-*/step-*"))
 
 
 BROKEN_MODELS = {  # case -> (stage, its arguments with the broken folder as {model}, what breaks it)

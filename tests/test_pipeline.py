@@ -11,7 +11,7 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
-from run_checks import check_outputs_and_runs, finished_runs
+from run_checks import check_outputs_and_runs, execution_runs, finished_runs
 from workspace import copy_repository, environment, run, serve
 
 from selfperceptual.pipeline.config import load_params
@@ -27,7 +27,7 @@ def _kill_after_first_checkpoint(copy, stage: str, snakemake: subprocess.Popen, 
     checkpoints = copy / "runs" / "rehearsal" / "checkpoints" / stage
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and snakemake.poll() is None:
-        written = sorted(path.name for path in checkpoints.glob("*/step-*"))
+        written = sorted(path.name for path in checkpoints.glob("*/run-*/step-*"))
         if written:
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = process.info["cmdline"] or []
@@ -35,7 +35,7 @@ def _kill_after_first_checkpoint(copy, stage: str, snakemake: subprocess.Popen, 
                 if cmdline[:1] and Path(cmdline[0]).name.startswith("python") and cmdline[-2:] == ["--out", f"runs/rehearsal/{stage}"]:
                     process.send_signal(signal.SIGKILL)
                     process.wait(timeout=30)
-                    return max(path.name for path in checkpoints.glob("*/step-*"))  # the latest, once it is dead
+                    return max(path.name for path in checkpoints.glob("*/run-*/step-*"))  # the latest, once it is dead
         time.sleep(0.1)
     raise AssertionError(f"{stage} never wrote a checkpoint while running")
 
@@ -111,6 +111,8 @@ def test_dvc_exp_run_runs_each_kind_of_smoke_stage(tmp_path):
     runs = finished_runs(copy, "smoke")  # training (a new process) and the served stages: one execution
     assert {"train", "evaluate"} <= set(runs["tags.kind"]) and len(set(runs["tags.pipeline_execution"])) == 1
     assert runs["tags.pipeline_execution"].iloc[0].startswith("dvc-")
+    (parent,) = execution_runs(copy, "smoke")["run_id"]  # made by its first stage, closed by its stages
+    assert set(runs["tags.mlflow.parentRunId"]) == {parent}
     assert not (copy / "runs" / "local").exists()
     stages = {stage.name: stage for stage in build_stages(load_params(copy / "params.yaml", "smoke")[1])}
     lock = yaml.safe_load((copy / "dvc.lock").read_text())["stages"]  # the checkout's lock records the local scale

@@ -39,7 +39,7 @@ def _start(command, cwd, **env):
 
 
 def _latest_checkpoint(checkpoints) -> int:
-    return max((int(path.name.split("-")[1]) for path in checkpoints.glob("*/step-*")), default=0)
+    return max((int(path.name.split("-")[1]) for path in checkpoints.glob("*/run-*/step-*")), default=0)
 
 
 def _wait_for_checkpoint(process, checkpoints, step):
@@ -63,7 +63,7 @@ def _client(folder):
 def _train_runs(folder):
     client = _client(folder)
     experiment = client.get_experiment_by_name("self-perceptual-smoke")
-    return client, experiment, client.search_runs([experiment.experiment_id])
+    return client, experiment, client.search_runs([experiment.experiment_id], filter_string="tags.kind = 'train'")
 
 
 def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_weights(smoke_stages, tmp_path):
@@ -103,7 +103,7 @@ def test_sigterm_then_sigkill_then_resume_gives_the_uninterrupted_weights(smoke_
     assert "resuming from" in output
     assert (out / UNET_FILE).read_bytes() == (whole / "out" / UNET_FILE).read_bytes()
     assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] > 0
-    assert len(list(checkpoints.glob("*/step-*"))) == 2  # train.keep_checkpoints
+    assert len(list(checkpoints.glob("*/run-*/step-*"))) == 2  # train.keep_checkpoints
     client, _, (run,) = _train_runs(work)  # the resumed stage continued the same MLflow run
     assert run.info.run_id == live.info.run_id and run.info.status == "FINISHED"
     assert max(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == STEPS
@@ -134,6 +134,17 @@ def test_a_tracking_failure_keeps_the_trained_model_and_a_rerun_only_reports(smo
     assert (out / UNET_FILE).read_bytes() == trained
     client, _, (run,) = _train_runs(tmp_path)
     assert run.info.status == "FINISHED" and [m.step for m in client.get_metric_history(run.info.run_id, "loss")] == [5, 10]
+
+    # The stage finished: run again (snakemake --forceall, say), it trains anew, in a run of its own,
+    # and leaves the finished one as it was; the finished execution's checkpoints go.
+    code, output = _finish(_start(command, tmp_path))
+    assert code == 0, output[-3000:]
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 0 and "resuming from" not in output
+    assert (out / UNET_FILE).read_bytes() == trained  # the same training, from the start
+    client, _, runs_now = _train_runs(tmp_path)
+    first = next(r for r in runs_now if r.info.run_id == run.info.run_id)
+    assert len(runs_now) == 2 and first.info.end_time == run.info.end_time and all(r.info.status == "FINISHED" for r in runs_now)
+    assert [path.name for path in checkpoints.glob("*/run-*")] == ["run-2"]
 
 
 def test_a_frozen_network_of_another_model_is_refused_naming_both(tmp_path, tiny_unet, smoke_config):

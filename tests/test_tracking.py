@@ -29,9 +29,13 @@ def test_parallel_jobs_share_one_sqlite_store(tmp_path, monkeypatch):
         run_ids = pool.map(_log, range(8))
     assert len(set(run_ids)) == 8
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
-    assert len(runs) == 8
-    assert set(runs["tags.pipeline_execution"]) == {"test-execution"}
+    everything = mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
+    (parent,) = everything[everything["tags.kind"] == "execution"]["run_id"]  # made once by 4 processes at once
+    runs = everything[everything["tags.kind"] != "execution"]
+    assert len(runs) == 8 and set(runs["tags.mlflow.parentRunId"]) == {parent}
+    assert set(everything["tags.pipeline_execution"]) == {"test-execution"}
+    finished = everything.set_index("run_id")
+    assert finished.loc[parent, "status"] == "FINISHED" and finished.loc[parent, "end_time"] >= runs["end_time"].max()  # closed by its stages
     assert sorted(runs["metrics.fid"]) == [float(i) for i in range(8)]
     history = mlflow.MlflowClient().get_metric_history(run_ids[0], "loss")
     assert len(history) == 50
@@ -61,7 +65,8 @@ def test_a_fresh_database_survives_parallel_first_writers(tmp_path, monkeypatch,
     assert len({results.get(timeout=5) for _ in range(writers)}) == writers
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = mlflow.search_runs(experiment_names=["self-perceptual-smoke"])
-    assert sorted(runs["metrics.fid"]) == [float(i) for i in range(writers)]
+    assert sorted(runs["metrics.fid"].dropna()) == [float(i) for i in range(writers)]
+    assert (runs["tags.kind"] == "execution").sum() == 1
 
 
 @pytest.fixture
@@ -101,8 +106,39 @@ def test_a_stage_logs_to_an_mlflow_server(mlflow_server, smoke_stages, tmp_path,
     run_stage("evaluate", tmp_path / "evaluate", "--samples", tmp_path / "sample", "--featnet", tmp_path / "featnet", "--corpus", runs / "corpus",
               "--set", "sample.num_images=8")
     client = mlflow.MlflowClient(mlflow_server)
-    (run,) = client.search_runs([client.get_experiment_by_name("self-perceptual-smoke").experiment_id])
+    parent, run = sorted(client.search_runs([client.get_experiment_by_name("self-perceptual-smoke").experiment_id]), key=lambda r: r.data.tags["kind"] != "execution")
     assert run.data.tags["row"] == "sp_cfg3_r07_s25" and run.data.tags["pipeline_execution"] == "server-test"
+    assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.data.tags["pipeline_execution"] == "server-test"
+    assert run.info.end_time - run.info.start_time > 1000  # the run began with the stage, not when it was written
     assert run.data.metrics["fid"] > 0 and run.data.metrics["num_images"] == 8
     assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "images")] == ["images/samples.png"]
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_each_execution_is_a_parent_run_and_a_forced_rerun_trains_in_a_new_run(tmp_path):
+    """A Snakemake execution is a parent run with its stages' runs nested under it; forcing a
+    finished training stage again trains anew in a new run, under the second execution's parent,
+    and leaves the first run as it ended."""
+    from run_checks import execution_runs
+    from workspace import copy_repository, run
+
+    copy = copy_repository(tmp_path / "repo", scale="smoke")
+    target = [sys.executable, "-m", "snakemake", "--cores", "2", "runs/smoke/train_mse"]
+    run(target, copy)
+    client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("self-perceptual-smoke").experiment_id
+    (first,) = client.search_runs([experiment], "tags.kind = 'train'")
+    run([*target, "--forcerun", "train_mse"], copy)
+
+    parents = execution_runs(copy, "smoke")
+    assert len(parents) == 2 and set(parents["status"]) == {"FINISHED"} and set(parents["tags.closed_by"]) == {"snakemake"}
+    trained = client.search_runs([experiment], "tags.kind = 'train'", order_by=["attributes.start_time ASC"])
+    assert [r.info.run_id for r in trained][:1] == [first.info.run_id] and len(trained) == 2
+    assert {r.data.tags["mlflow.parentRunId"] for r in trained} == set(parents["run_id"])  # one under each execution
+    again = trained[1]
+    assert trained[0].info.end_time == first.info.end_time and trained[0].info.end_time <= again.info.start_time  # not reopened
+    assert again.data.metrics["resumed_from_step"] == 0 and again.info.status == "FINISHED"
+    # Each run lasted as long as its stage: at least its training, and not the time between the two executions.
+    for record in trained:
+        seconds = (record.info.end_time - record.info.start_time) / 1000
+        assert record.data.metrics["seconds_per_step"] * record.data.metrics["num_steps"] <= seconds < 300

@@ -99,7 +99,7 @@ def test_a_served_training_trains_what_a_new_process_trains_and_says_it_was_serv
     train("fresh", served=False)
     _same_files(tmp_path / "served" / "pipeline", tmp_path / "fresh" / "pipeline")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    runs = {run.info.run_name: run.data.tags["process"] for run in client.search_runs([e.experiment_id for e in client.search_experiments()])}
+    runs = {run.info.run_name: run.data.tags["process"] for run in client.search_runs([e.experiment_id for e in client.search_experiments()], "tags.kind = 'train'")}
     assert runs == {"served": "served", "fresh": "new"}
     assert not {fork.pid for fork in _forks(server)} - before  # the served one ended and was reaped
 

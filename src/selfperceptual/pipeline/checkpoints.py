@@ -7,6 +7,12 @@ that name is always complete. The store lives outside the stage's output folder 
 ``runs/<scale>/checkpoints/<stage>``), where neither Snakemake nor DVC deletes it when the job
 fails, and under a subfolder per training configuration, so a changed setting starts afresh and
 never resumes from (or deletes) another configuration's checkpoints.
+
+Under a configuration's folder, each execution of the stage has its own ``run-<k>``: an execution
+that was stopped (a time limit, a kill, a failed report) is resumed by the next, with its MLflow
+run; one that finished (``finished.json``) is not, and the next execution trains anew in a folder,
+and a run, of its own. When an execution finishes, the folders of those finished before it go:
+its outputs have replaced theirs.
 """
 
 from __future__ import annotations
@@ -81,9 +87,29 @@ def _match_layout(optimizer: torch.optim.Optimizer) -> None:
                     state[key] = torch.empty_like(parameter, dtype=value.dtype).copy_(value)
 
 
+FINISHED = "finished.json"
+
+
 class CheckpointStore:
     def __init__(self, folder: str | Path, keep: int):
         self.folder, self.keep = Path(folder), keep
+
+    @classmethod
+    def for_execution(cls, configuration: str | Path, keep: int) -> CheckpointStore:
+        """This execution's store under a configuration's folder: the first ``run-<k>`` not finished
+        (every process of a launch finds the same one: nothing finishes while they start)."""
+        k = 1
+        while (Path(configuration) / f"run-{k}" / FINISHED).is_file():
+            k += 1
+        return cls(Path(configuration) / f"run-{k}", keep)
+
+    def finish(self, record: dict) -> None:
+        """Marks this execution finished (its outputs in place and reported): the next one trains
+        anew. The checkpoints of the executions that finished before it go."""
+        write_json(self.folder / FINISHED, record)
+        for earlier in self.folder.parent.glob("run-*"):
+            if earlier != self.folder and (earlier / FINISHED).is_file():
+                shutil.rmtree(earlier, ignore_errors=True)
 
     def all(self) -> list[Path]:
         remove_stale_partials(self.folder / PREFIX, pattern=f"{PREFIX}*")  # checkpoints a kill cut short

@@ -13,9 +13,10 @@ import errno
 import importlib
 import logging
 import sys
+import time
 from pathlib import Path
 
-from . import distributed, stages
+from . import distributed, stages, tracking
 from ..method.errors import InputError, MethodError
 from .config import ConfigView, ParamsError, load_params
 from .io import atomic_dir, write_json
@@ -57,6 +58,7 @@ def message(error: MethodError) -> str:
 
 
 def main(argv=None) -> int:
+    tracking.stage_started(time.time())  # its MLflow runs begin now, not when they are written
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)

@@ -182,9 +182,65 @@ def _log_batches(client, run_id: str, metrics=(), params: dict | None = None) ->
         _retry(client.log_batch, run_id, metrics=metrics[start : start + 100], params=param_entries[start : start + 100])
 
 
+PARENT_KIND = "execution"
+_STAGE_STARTED: list[float] = []  # when this process's stage started (cli.main), in seconds
+
+
+def stage_started(at: float | None = None) -> float:
+    """Notes (``at``) or gives when the stage of this process started: its runs begin then."""
+    if at is not None:
+        _STAGE_STARTED[:] = [at]
+    return _STAGE_STARTED[0] if _STAGE_STARTED else time.time()
+
+
+def _parent(client, experiment_id: str, scale: str, closed_by: str = "stages") -> tuple[str, str]:
+    """The run of this pipeline execution, which its stages' runs nest under, and who ends it: an
+    executor that made it at its start (Snakemake, ``warm --run``), or its stages, each of which
+    moves its end to its own (plain ``dvc repro``, stages run by hand). Made once, under the
+    store's lock; the first stage of an execution without an executor makes it."""
+    execution = execution_id()
+    query = f"tags.pipeline_execution = '{execution}' and tags.kind = '{PARENT_KIND}'"
+    with _store_lock():
+        found = _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1)
+        if found:
+            return found[0].info.run_id, found[0].data.tags.get("closed_by", "stages")
+        tags = {"kind": PARENT_KIND, "pipeline_execution": execution, "scale": scale, "closed_by": closed_by,
+                "mlflow.note.content": f"One execution of the pipeline ({execution}): its stages' runs are nested under this run."}
+        run = _retry(client.create_run, experiment_id, tags=tags, run_name=f"execution {execution}", start_time=int(stage_started() * 1000))
+        return run.info.run_id, closed_by
+
+
+def start_execution(scale: str, executor: str) -> str:
+    """The parent run of an execution an executor runs (Snakemake's onstart, ``warm --run``); it
+    ends it with ``end_execution``."""
+    client = _client()
+    return _parent(client, prepare(scale), scale, closed_by=executor)[0]
+
+
+def end_execution(scale: str, status: str) -> None:
+    """Ends this execution's parent run (FINISHED, FAILED or KILLED)."""
+    try:
+        client = _client()
+        run_id, _ = _parent(client, prepare(scale), scale)
+        _retry(client.set_terminated, run_id, status)
+    except Exception as error:  # noqa: BLE001 - the stages' own records are complete
+        logging.getLogger("tracking").error("MLflow: the execution's run could not be ended: %s", error)
+
+
+def _stage_ended(client, scale: str, status: str) -> None:
+    """A stage's run ended: a parent its stages close ends with it (its end moves to the latest stage's)."""
+    run_id, closed_by = _parent(client, prepare(scale), scale)
+    if closed_by == "stages":
+        with _store_lock():  # one stage at a time: the end only moves forward
+            _retry(client.set_terminated, run_id, "FAILED" if status == "FAILED" else "FINISHED", end_time=int(time.time() * 1000))
+
+
 def _create_run(client, scale: str, stage: str, tags: dict) -> str:
-    all_tags = {"stage": stage, "scale": scale, "pipeline_execution": execution_id(), **tags}
-    run = _retry(client.create_run, prepare(scale), tags={k: str(v) for k, v in all_tags.items()}, run_name=stage)
+    experiment_id = prepare(scale)
+    parent, _ = _parent(client, experiment_id, scale)
+    all_tags = {"stage": stage, "scale": scale, "pipeline_execution": execution_id(), "mlflow.parentRunId": parent, **tags}
+    run = _retry(client.create_run, experiment_id, tags={k: str(v) for k, v in all_tags.items()}, run_name=stage,
+                 start_time=int(stage_started() * 1000))
     return run.info.run_id
 
 
@@ -208,6 +264,7 @@ def log_run(
         for path in artifacts:
             _retry(client.log_artifact, run_id, str(path))
         _retry(client.set_terminated, run_id, "FINISHED")
+        _stage_ended(client, scale, "FINISHED")
     except Exception as error:
         raise TrackingError(f"MLflow tracking at {tracking_uri()} failed: {error}") from error
     return run_id
@@ -221,6 +278,7 @@ class TrainingRun:
 
     def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path):
         self.error: Exception | None = None
+        self.scale = scale
         self.run_id: str | None = None
         self._client = None
         saved = read_json(state_file) if state_file.is_file() else {}
@@ -261,6 +319,7 @@ class TrainingRun:
         for path in images:
             self.log_image(path)
         self._call(_retry, lambda: self._client.set_terminated(self.run_id, status))
+        self._call(_stage_ended, self._client, self.scale, status)
 
     def raise_if_failed(self) -> None:
         if self.error is not None:

@@ -99,6 +99,7 @@ def run(args, config, scale, out) -> None:
         "rescale": row.rescale if row.rescale is not None else "none",
         "steps": row.steps,
         "nfe": row.nfe,
+        "model_run_id": sampled.get("model_run_id") or "none",  # the training run of the sampled model
         **peer_tags(args.out.name),
     }
     log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))

@@ -14,7 +14,7 @@ from tqdm import tqdm
 
 from ...method.device import runtime
 from ..experiments import row_named
-from ..io import background_writes, write_json
+from ..io import background_writes, read_json, write_json
 from ...method.models import load_stage_pipeline
 from ...method.sampling import generate
 from ..split import add_part_argument, batch_block, checked_part
@@ -53,9 +53,10 @@ def run(args, config, scale, out) -> None:
             images = generate(pipeline, prompts[batch], seeds[batch], row.steps, row.cfg, row.rescale, settings.eta)
             for offset, image in enumerate(images):
                 write(image.save, out / "images" / f"{start + offset:05d}.png")
+    trained = args.model / "tracking.json"  # the MLflow run that trained the model, if one did
     write_json(
         out / "samples.json",
-        {"row": row.name, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
+        {"row": row.name, "model_run_id": read_json(trained)["run_id"] if trained.is_file() else None, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
          "rescale": row.rescale, "conditioning": row.conditioning, "part": [index, count], "images": [todo.start, todo.stop]},
     )
     log.info("sample %d/%d: images %d-%d of %d, %d steps, cfg %s, rescale %s", index, count, todo.start, todo.stop, len(prompts), row.steps, row.cfg, row.rescale)

@@ -3,9 +3,10 @@
 Everything the stage loads (``--init``, ``--perceptual``, ``--data``) is loaded and checked before
 the first step. Training checkpoints every ``train.checkpoint_every_steps`` into ``--checkpoints``
 (outside the output folder, so a failed job never loses them) and on SIGTERM; running the stage
-again resumes from the latest checkpoint, bit for bit. The output folder (EMA pipeline, loss
-curve, metrics, preview) is written before MLflow hears of the end of the run, so a tracking
-failure costs nothing but a rerun, which trains no further and only reports.
+again after it was stopped resumes from the latest checkpoint, bit for bit, in the same MLflow run.
+After it finished, running it again (forced, or its inputs remade) trains anew in a new run. The
+output folder (EMA pipeline, loss curve, metrics, preview) is written before MLflow hears of the end
+of the run, so a tracking failure costs nothing but a rerun, which trains no further and only reports.
 """
 
 from __future__ import annotations
@@ -52,6 +53,12 @@ def add_arguments(parser) -> None:
 def launcher(argv: list[str], config) -> list[str] | None:
     """One process per GPU this job was given, on every node of its allocation (distributed.py)."""
     return launch_command(argv, torch.cuda.device_count())
+
+
+def _made(folder: Path) -> str:
+    """When and as what a stage's output folder was put in place (outputs are renamed in whole)."""
+    stat = folder.stat()
+    return f"{stat.st_ino}-{stat.st_mtime_ns}"
 
 
 def check_data(data: LatentData, unet, folders: list[Path]) -> None:
@@ -125,7 +132,10 @@ def run(args, config, scale, out):
         if isinstance(section, dict):  # an objective's
             for key in settings_affecting(objectives.ObjectiveSettings, "memory"):
                 section.pop(key)
-    store = CheckpointStore(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
+    # The inputs as they are now: a rerun of the stage that made one gives a new folder, so a changed
+    # input never resumes from checkpoints trained on the old one (the paths alone would).
+    settings["made"] = {str(path): _made(path) for path in (args.init, *inputs.values(), *args.data) if path}
+    store = CheckpointStore.for_execution(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
     log.info("train %s/%s: %d steps of %d on %d samples; checkpoints in %s", args.objective, args.conditioning,
              settings_of.num_steps, config.train.global_batch, len(data), store.folder)
 
@@ -165,9 +175,12 @@ def run(args, config, scale, out):
                "num_steps": settings_of.num_steps, "peak_memory_mib": peak_memory_mib()}  # fmt: skip
     write_json(out / "metrics.json", metrics)
     write_json(out / "loss_curve.json", history.series)
+    if run_.run_id:  # what the runs that evaluate this model link to
+        write_json(out / "tracking.json", {"run_id": run_.run_id, "tracking_uri": tracking.tracking_uri()})
 
     def report() -> None:
         run_.end("FINISHED", metrics=metrics, series=history.series, images=[args.out / "preview.png"])
         run_.raise_if_failed()
+        store.finish({"run_id": run_.run_id, "out": str(args.out), "steps": settings_of.num_steps})
 
     return report
