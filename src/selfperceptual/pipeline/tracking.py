@@ -184,6 +184,7 @@ def _log_batches(client, run_id: str, metrics=(), params: dict | None = None) ->
 
 PARENT_KIND = "execution"
 _STAGE_STARTED: list[float] = []  # when this process's stage started (cli.main), in seconds
+_PARENTS: dict[tuple[str, str, str], tuple[str, str]] = {}  # (uri, experiment, execution) -> (parent run, who ends it)
 
 
 def stage_started(at: float | None = None) -> float:
@@ -195,19 +196,24 @@ def stage_started(at: float | None = None) -> float:
 
 def _parent(client, experiment_id: str, scale: str, closed_by: str = "stages") -> tuple[str, str]:
     """The run of this pipeline execution, which its stages' runs nest under, and who ends it: an
-    executor that made it at its start (Snakemake, ``warm --run``), or its stages, each of which
+    executor that made it at its start (Snakemake), or its stages, each of which
     moves its end to its own (plain ``dvc repro``, stages run by hand). Made once, under the
     store's lock; the first stage of an execution without an executor makes it."""
     execution = execution_id()
+    key = (tracking_uri(), experiment_id, execution)
+    if key in _PARENTS:  # found once per process: a stage asks when its run starts and when it ends
+        return _PARENTS[key]
     query = f"tags.pipeline_execution = '{execution}' and tags.kind = '{PARENT_KIND}'"
     with _store_lock():
         found = _retry(client.search_runs, [experiment_id], filter_string=query, max_results=1)
         if found:
-            return found[0].info.run_id, found[0].data.tags.get("closed_by", "stages")
-        tags = {"kind": PARENT_KIND, "pipeline_execution": execution, "scale": scale, "closed_by": closed_by,
-                "mlflow.note.content": f"One execution of the pipeline ({execution}): its stages' runs are nested under this run."}
-        run = _retry(client.create_run, experiment_id, tags=tags, run_name=f"execution {execution}", start_time=int(stage_started() * 1000))
-        return run.info.run_id, closed_by
+            _PARENTS[key] = found[0].info.run_id, found[0].data.tags.get("closed_by", "stages")
+        else:
+            tags = {"kind": PARENT_KIND, "pipeline_execution": execution, "scale": scale, "closed_by": closed_by,
+                    "mlflow.note.content": f"One execution of the pipeline ({execution}): its stages' runs are nested under this run."}
+            run = _retry(client.create_run, experiment_id, tags=tags, run_name=f"execution {execution}", start_time=int(stage_started() * 1000))
+            _PARENTS[key] = run.info.run_id, closed_by
+    return _PARENTS[key]
 
 
 def start_execution(scale: str, executor: str) -> str:

@@ -19,7 +19,6 @@ from ..data.embeddings import read_embeddings
 from ..io import write_json
 
 log = logging.getLogger("aesthetic")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("aesthetic", "filter.min_aesthetic")
 
 

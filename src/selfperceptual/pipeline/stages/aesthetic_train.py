@@ -20,7 +20,6 @@ from ..io import write_json
 from ..tinyclip import image_embeddings
 
 log = logging.getLogger("aesthetic_train")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("aesthetic", "clip", "corpus.seed")
 
 

@@ -28,7 +28,6 @@ from ...method.models import (
 )
 
 log = logging.getLogger("base")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("base", "schedule", "download.resolution")
 
 

@@ -12,7 +12,6 @@ from ..io import write_json
 from ..tinyclip import train_tiny_clip
 
 log = logging.getLogger("clip")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("clip", "download.resolution", "corpus.seed")
 
 

@@ -21,7 +21,6 @@ from ..data.shards import count_samples
 from ..io import write_json
 
 log = logging.getLogger("clip_embed")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("clip",)
 REPO = Path(__file__).resolve().parents[4]
 CLIP_ENV_VARIABLE = "SELFPERCEPTUAL_CLIP_ENV"  # another place for clip-retrieval's environment

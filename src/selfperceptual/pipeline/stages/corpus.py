@@ -8,7 +8,6 @@ from ..data.corpus import build_synthetic, import_external
 from ..io import write_json
 
 log = logging.getLogger("corpus")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("corpus", "download.resolution")
 
 

@@ -33,7 +33,6 @@ from ..io import write_json
 from ..split import add_part_argument, block, checked_part
 
 log = logging.getLogger("download")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("download",)
 
 

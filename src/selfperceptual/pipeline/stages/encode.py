@@ -24,7 +24,6 @@ from ...method.models import encode_prompts, load_stage_pipeline
 from ..split import add_part_argument, batch_block, checked_part
 
 log = logging.getLogger("encode")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("encode",)
 
 

@@ -29,7 +29,6 @@ from ...method.sampling import grid
 from ..data.samples import sample_images
 
 log = logging.getLogger("evaluate")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("evaluate", "sample", "clip.model")
 GRID_IMAGES = 16
 

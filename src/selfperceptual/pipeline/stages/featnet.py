@@ -24,7 +24,6 @@ from ..evaluation import (
 from ..io import write_json
 
 log = logging.getLogger("featnet")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("featnet", "evaluate.batch", "evaluate.precision", "evaluate.is_splits", "corpus.seed", "download.resolution")
 
 

@@ -33,7 +33,6 @@ matplotlib.use("Agg")
 from matplotlib import pyplot
 
 log = logging.getLogger("figures")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("figures", "sample.precision")
 MODELS = ("mse", "sp", "uncond_mse", "uncond_sp")  # --<flag>: the training stage whose pipeline it is
 X0_STEPS = 10  # t = 1000, 900, ..., 100 with trailing spacing

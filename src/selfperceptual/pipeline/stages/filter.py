@@ -11,7 +11,6 @@ from ..data.filtering import MetadataError, check_schema, filter_rows
 from ..io import write_json
 
 log = logging.getLogger("filter")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("filter",)
 
 

@@ -15,7 +15,6 @@ from ...method.models import load_unet
 from ...method.unet import LAYERS, PerceptualNetwork
 
 log = logging.getLogger("freeze")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ()
 
 

@@ -18,7 +18,6 @@ from ..intervals import bootstrap, over_seeds
 from ..io import read_json, write_json
 
 log = logging.getLogger("report")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("report", "evaluate", "clip.model", "featnet.kind", "sample.num_images", "train.seeds")
 
 

@@ -20,7 +20,6 @@ from ...method.sampling import generate
 from ..split import add_part_argument, batch_block, checked_part
 
 log = logging.getLogger("sample")
-# The params.yaml keys it reads: its stages' DVC params (cli.main lets it read no other).
 PARAMS = ("sample",)
 
 
