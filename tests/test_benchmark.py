@@ -5,6 +5,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 
 def test_sp_step_benchmark_prints_a_row_per_variant_and_its_round(repo):
     # One round: each variant is a process of its own (about 10 s of imports each on 2 cores).
@@ -47,3 +49,14 @@ def test_startup_benchmark_times_each_stage_against_another_source_tree(repo):
     rows = re.findall(r"^(\S+)\s+([\d.]+)\s+([\d.]+)\s+([\d.]+)$", printed, re.MULTILINE)
     assert [row[0] for row in rows] == ["(--help)", "corpus", "filter"], printed
     assert all(float(here) > 0 and float(there) > 0 and float(ratio) > 0 for _, here, there, ratio in rows)
+
+
+@pytest.mark.parametrize("stage", ["corpus", "filter", "download", "report"])
+def test_the_stages_that_run_no_model_start_without_torch(stage):
+    """torch's import is about half of a model stage's start-up. The report reads FID's resamples
+    from the evaluations (numpy); download keeps torch out of webdataset, which img2dataset imports
+    (its workers import the stage's module first, and so start without it too). A later import of
+    torch in the same process still works."""
+    code = (f"import sys; import selfperceptual.pipeline.stages.{stage}; print('torch' in sys.modules); "
+            "import torch; print(torch.ones(2).sum().item())")  # fmt: skip
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split() == ["False", "2.0"]

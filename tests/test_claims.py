@@ -18,7 +18,8 @@ from selfperceptual.pipeline.claims import (
     judge,
     verdict,
 )
-from selfperceptual.pipeline.intervals import FrechetToReference, bootstrap, over_seeds
+from selfperceptual.pipeline.evaluation import FrechetToReference
+from selfperceptual.pipeline.intervals import bootstrap, over_seeds
 
 DIM, IMAGES = 8, 300
 ROWS = sorted({row for claim in CLAIMS for difference in claim.differences for row in difference.rows})
@@ -48,8 +49,10 @@ def _evidence(shift: dict[str, float], seeds: int, metric: dict[str, dict[str, f
             draws = torch.rand(IMAGES, generator=torch.Generator().manual_seed(100_000 * offset + 5000 + 1000 * seed + twin))
             recognised = (draws < values["alignment"]).float()
             values["alignment"] = float(recognised.mean())  # as evaluate computes it
-            runs.setdefault(row, []).append(RowRun({"fid": fid(features), **values}, features, recognised))
-    return Evidence(runs, reference, resamples=200, margins={"recall": 0.05, "alignment": 0.05})
+            resampled = fid.resampled(features, 200)  # as evaluate keeps them
+            saved = {"features": features.numpy(), "alignment": recognised.numpy(), "fid_resamples": resampled.distribution, "fid_all": np.array([resampled.estimate])}
+            runs.setdefault(row, []).append(RowRun({"fid": fid(features), "num_images": IMAGES, **values}, saved))
+    return Evidence(runs, resamples=200, margins={"recall": 0.05, "alignment": 0.05})
 
 
 PAPER_RIGHT = {  # FID order of the paper: MSE+CFG < SP+CFG < SP < MSE; the ablations worse than SP
@@ -141,3 +144,38 @@ def test_an_interval_over_seeds_is_students_t():
     mean, low, high = over_seeds([1.0, 2.0, 3.0])
     assert mean == 2.0 and high - mean == mean - low == pytest.approx(4.302653 * 1.0 / 3**0.5, rel=1e-5)  # t(0.975, 2) * sd / sqrt(n)
     assert over_seeds([5.0]) == (5.0, None, None)
+
+
+def test_the_bootstrap_draws_scipys_resamples_and_centres_them_on_the_estimate():
+    """intervals.draws are scipy.stats.bootstrap's draws for the same seed, so an interval is the
+    library's percentile interval, moved by (estimate - median)."""
+    from scipy import stats
+
+    values = np.random.default_rng(3).gamma(2.0, size=150)
+    statistic = lambda images: float(np.std(values[images]))  # noqa: E731 - a statistic whose resamples are biased
+    library = stats.bootstrap((np.arange(150),), statistic, vectorized=False, n_resamples=300, method="percentile",
+                              random_state=np.random.default_rng(0)).bootstrap_distribution  # fmt: skip
+    low, median, high = np.percentile(library, [2.5, 50, 97.5])
+    assert bootstrap(statistic, 150, 300) == (statistic(np.arange(150)) + low - median, statistic(np.arange(150)) + high - median)
+
+
+def test_the_paired_fid_interval_from_evaluates_resamples_is_the_one_from_both_rows_features():
+    """The report subtracts the FID resamples each evaluate kept; that must be the paired bootstrap
+    of the difference computed from the two rows' features together (the same images drawn)."""
+    reference = _reference()
+    frechet = FrechetToReference(reference["mu"], reference["sigma"])
+    generator = torch.Generator().manual_seed(5)
+    first, second = torch.randn(IMAGES, DIM, generator=generator) + 0.3, torch.randn(IMAGES, DIM, generator=generator) + 0.5
+    fid_first, fid_second = frechet.resampler(first), frechet.resampler(second)
+    together = bootstrap(lambda images: fid_first(images) - fid_second(images), IMAGES, 120)
+    assert (frechet.resampled(first, 120) - frechet.resampled(second, 120)).interval() == pytest.approx(together, rel=1e-12, abs=1e-12)
+    with pytest.raises(ValueError, match="unpaired"):
+        frechet.resampled(first, 120) - frechet.resampled(second[:-1], 120)
+
+
+def test_rows_of_different_sizes_get_no_paired_interval():
+    evidence = _evidence(PAPER_RIGHT["shift"], 1, PAPER_RIGHT["metric"], rows=["mse_s25", "sp_s25"])
+    evidence.runs["sp_s25"][0].metrics["num_images"] = IMAGES - 1
+    finding = evidence.find(Difference("fid", ("sp_s25",), ("mse_s25",), "<"))
+    assert (finding.verdict, finding.low) == (UNRESOLVED, None) and "different sizes" in finding.source
+

@@ -121,7 +121,7 @@ def test_layout_distances_put_sp_near_mse_cfg_further_and_unrelated_samples_furt
     generator = torch.Generator().manual_seed(0)
     mse = torch.randn(64, 16, generator=generator) * 3
     moved = {"mse_s25": mse, "sp_s25": mse + 0.2 * torch.randn(64, 16, generator=generator), "mse_cfg75_r07_s25": mse + torch.randn(64, 16, generator=generator)}
-    runs = {row: [RowRun({}, features)] for row, features in moved.items()}
+    runs = {row: [RowRun({}, {"features": features.numpy()})] for row, features in moved.items()}
     found = layout_distances(runs, resamples=100)
     sp, cfg, unrelated = (found[label] for label in ("MSE vs SP", "MSE vs MSE+CFG", "MSE vs MSE, other seed and caption"))
     assert sp["mean"] < cfg["mean"] < unrelated["mean"]

@@ -19,13 +19,12 @@ not evaluated. The verdicts are never written by hand: tests/test_claims.py feed
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
-from .intervals import FrechetToReference, bootstrap, over_seeds
+from .intervals import Resampled, over_seeds, resample_mean
 
 SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED = "supported", "contradicted", "not resolved at this scale", "not evaluated"
 
@@ -96,13 +95,29 @@ CLAIMS = (
 )
 
 
-@dataclass
+@dataclass(frozen=True)
 class RowRun:
-    """One sampling row of one training seed: its metrics.json and its features.safetensors."""
+    """One sampling row of one training seed: its metrics.json, and what evaluate kept in its
+    features.safetensors (``saved``, read as it is asked for: ``features`` per image, and where
+    evaluate made them ``alignment`` per image, ``fid_resamples`` and ``fid_all``)."""
 
     metrics: dict
-    features: torch.Tensor
-    alignment: torch.Tensor | None = None  # per image: recognised (0/1), or its CLIP score
+    saved: Mapping[str, np.ndarray]
+
+    @property
+    def features(self) -> np.ndarray:
+        return self.saved["features"]
+
+    @property
+    def alignment(self) -> np.ndarray | None:  # per image: recognised (0/1), or its CLIP score
+        return self.saved["alignment"] if "alignment" in self.saved else None
+
+    @property
+    def fid(self) -> Resampled | None:
+        """FID on all the images and on each bootstrap draw, as evaluate took them (on its device)."""
+        if "fid_resamples" not in self.saved:
+            return None
+        return Resampled(int(self.metrics["num_images"]), float(self.saved["fid_all"][0]), np.asarray(self.saved["fid_resamples"], dtype=np.float64))
 
 
 @dataclass(frozen=True)
@@ -115,45 +130,48 @@ class Finding:
     verdict: str
 
 
-def twin_distances(first: torch.Tensor, second: torch.Tensor) -> torch.Tensor:
+def twin_distances(first: np.ndarray, second: np.ndarray) -> np.ndarray:
     """The feature distance of each sample of one row to its twin in another: the sample of the
     same index, drawn from the same seed and caption (``sample`` seeds image i with seed + i)."""
     n = min(len(first), len(second))
-    return (first[:n] - second[:n]).norm(dim=1)
+    return np.linalg.norm(np.asarray(first[:n], dtype=np.float64) - np.asarray(second[:n], dtype=np.float64), axis=1)
 
 
 class Evidence:
-    """Every row's runs (one per training seed) and the reference statistics, with the intervals
-    of the differences the claims name."""
+    """Every row's runs (one per training seed), with the intervals of the differences the claims
+    name. ``resamples``: the bootstrap's draws for the per-image statistics (FID's were drawn by
+    evaluate, the same way)."""
 
-    def __init__(self, runs: dict[str, list[RowRun]], reference: dict[str, torch.Tensor], resamples: int, margins: dict[str, float]):
+    def __init__(self, runs: dict[str, list[RowRun]], resamples: int, margins: dict[str, float]):
         self.runs, self.resamples, self.margins = runs, resamples, margins  # statistic -> margin of its "=" and ">="
-        self.fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"))
-        self._fid_of: dict[int, Callable[[np.ndarray], float]] = {}  # id(run) -> its resampler
 
-    def _value(self, statistic: str, rows: tuple[str, ...], seed: int, images: np.ndarray | None) -> float | None:
-        """The statistic of ``rows`` for training seed ``seed``, on ``images`` (indices) or all of them."""
+    def _value(self, statistic: str, rows: tuple[str, ...], seed: int) -> float | None:
+        """The statistic of ``rows`` for training seed ``seed``, on all their images."""
         runs = [self.runs[row][seed] for row in rows]
         if statistic == "layout":
-            first, second = (run.features if images is None else run.features[images] for run in runs)
-            return float(twin_distances(first, second).mean())
+            return float(twin_distances(runs[0].features, runs[1].features).mean())
         (run,) = runs
-        if statistic == "alignment" and run.alignment is not None:  # per image, so it resamples; the row's value is their mean
-            return float(run.alignment.mean() if images is None else run.alignment[images].mean())
-        if images is None:
-            return run.metrics.get(statistic)
-        if statistic == "fid":
-            if id(run) not in self._fid_of:
-                self._fid_of[id(run)] = self.fid.resampler(run.features)
-            return self._fid_of[id(run)](images)
-        return None  # precision and recall: no bootstrap (see intervals.py)
+        if statistic == "alignment" and run.alignment is not None:
+            return float(np.mean(run.alignment, dtype=np.float64))
+        return run.metrics.get(statistic)
+
+    def _resampled(self, statistic: str, rows: tuple[str, ...]) -> Resampled | None:
+        """The statistic of ``rows`` (training seed 0) on all their images and on each bootstrap draw;
+        None for a statistic without one (precision and recall: see intervals.py)."""
+        runs = [self.runs[row][0] for row in rows]
+        if statistic == "layout":
+            return resample_mean(twin_distances(runs[0].features, runs[1].features), self.resamples)
+        (run,) = runs
+        if statistic == "alignment" and run.alignment is not None:
+            return resample_mean(run.alignment, self.resamples)
+        return run.fid if statistic == "fid" else None
 
     def find(self, difference: Difference) -> Finding:
         a, b = difference.a, difference.b
         seeds = min(len(self.runs[row]) for row in difference.rows)
 
-        def at(seed: int, images: np.ndarray | None = None) -> float | None:
-            first, second = self._value(difference.statistic, a, seed, images), self._value(difference.statistic, b, seed, images)
+        def at(seed: int) -> float | None:
+            first, second = self._value(difference.statistic, a, seed), self._value(difference.statistic, b, seed)
             return None if first is None or second is None else first - second
 
         estimate = at(0)
@@ -163,11 +181,12 @@ class Evidence:
             estimate, low, high = over_seeds([at(seed) for seed in range(seeds)])
             source = f"seeds ({seeds})"
         else:
-            sizes = {len(self.runs[row][0].features) for row in difference.rows}
-            bootable = len(sizes) == 1 and self.resamples and at(0, np.arange(min(sizes))) is not None
-            if not bootable:
+            sides = (self._resampled(difference.statistic, a), self._resampled(difference.statistic, b)) if self.resamples else (None,)
+            if None in sides:
                 return Finding(difference, estimate, None, None, "one seed, and no image-level interval for this statistic", UNRESOLVED)
-            low, high = bootstrap(lambda images: at(0, images), sizes.pop(), self.resamples)
+            if len({int(self.runs[row][0].metrics["num_images"]) for row in difference.rows}) > 1:
+                return Finding(difference, estimate, None, None, "one seed, and rows of different sizes (no paired bootstrap)", UNRESOLVED)
+            low, high = (sides[0] - sides[1]).interval()
             source = "images (bootstrap)"
         return Finding(difference, estimate, low, high, source, verdict(difference.claimed, low, high, self.margins.get(difference.statistic, 0.0)))
 

@@ -18,8 +18,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import torch
 from PIL import Image, ImageOps
 from safetensors.torch import save_file
@@ -35,7 +37,7 @@ from ..method.featnet import TinyFeatureNet
 from .data.shards import to_tensor
 from .io import decode_images
 from ..method.device import Runtime, runtime
-from .intervals import sigma_root
+from .intervals import Resampled, resample
 
 INCEPTION_FILE = "inception-v3.pth"  # the featnet folder's copy of featnet.inception_weights
 
@@ -138,6 +140,59 @@ def extract(extractor, images, batch: int, device: Runtime) -> tuple[torch.Tenso
         features.append(batch_features.cpu().double())
         logits.append(batch_logits.cpu().double())
     return torch.cat(features), torch.cat(logits)
+
+
+class FrechetToReference:
+    """FID of generated features against one reference (``mu``, ``sigma``), fast enough to repeat
+    hundreds of times: with R the reference's matrix square root (taken once, or passed in as
+    featnet saves it),
+
+        FID = |mu_g - mu|^2 + tr(S_g) + tr(sigma) - 2 tr sqrt(R S_g R),
+
+    and R S_g R shares its non-zero eigenvalues with the Gram matrix of R times the centred
+    features, of size min(n, d). ``resampler`` projects the features by R once, so that a
+    resample costs one small eigendecomposition. torch-fidelity's ``fid_statistics_to_metric``
+    takes ``scipy.linalg.sqrtm`` of a d x d product each call; the two agree
+    (tests/test_claims.py), and the point estimates in the report stay torch-fidelity's. On a
+    ``device`` (evaluate's GPU) the resamples' eigendecompositions run there, in float64."""
+
+    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, root: torch.Tensor | None = None, device: torch.device | str = "cpu"):
+        self.device = torch.device(device)
+        self.mu = mu.double().to(self.device)
+        self.root = (sigma_root(sigma) if root is None else root.double()).to(self.device)
+        self.trace = float(torch.trace(sigma.double()))
+
+    def resampler(self, features: torch.Tensor) -> Callable[[np.ndarray], float]:
+        """``indices -> FID of features[indices]``."""
+        features = features.double().to(self.device)
+        projected = features @ self.root  # row i: R x_i (R is symmetric)
+        d = features.shape[1]
+
+        def fid(indices) -> float:
+            indices = torch.as_tensor(indices, device=self.device)
+            chosen, scaled = features[indices], projected[indices]
+            n, mean = len(chosen), chosen.mean(0)
+            centred = (scaled - scaled.mean(0)) / (n - 1) ** 0.5  # rows: R (x_i - mean), scaled
+            gram = centred @ centred.T if n < d else centred.T @ centred
+            cross = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
+            spread = ((chosen - mean) ** 2).sum() / (n - 1)  # tr(S_g)
+            return float(((mean - self.mu) ** 2).sum() + spread + self.trace - 2 * cross)
+
+        return fid
+
+    def __call__(self, features: torch.Tensor) -> float:
+        return self.resampler(features)(np.arange(len(features)))
+
+    def resampled(self, features: torch.Tensor, resamples: int) -> Resampled:
+        """FID on all the images and on each bootstrap draw of them (``intervals.draws``), as
+        evaluate keeps it for the report's paired differences."""
+        return resample(self.resampler(features), len(features), resamples)
+
+
+def sigma_root(sigma: torch.Tensor) -> torch.Tensor:
+    """The symmetric square root of a covariance matrix (its negative rounding-error eigenvalues as 0)."""
+    values, vectors = torch.linalg.eigh(sigma.double())
+    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
 
 
 def save_reference(features: torch.Tensor, path: Path) -> None:

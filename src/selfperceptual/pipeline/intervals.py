@@ -1,85 +1,73 @@
 """How sure the report's numbers are: a bootstrap over the generated images of one run, and a t
-interval over training seeds, both 95% and both from scipy.stats.
+interval over training seeds, both 95%. numpy and scipy only: the report, which reads these,
+imports no torch.
 
-The bootstrap resamples image indices; rows sampled with the same seeds and captions are paired
-by index, so a difference between two rows is resampled as a pair. FID is recomputed for each
-resample against the fixed reference statistics. Precision and recall get no bootstrap: a
-resample repeats images, and a repeated image is its own nearest neighbour, which breaks their
-k-nearest-neighbour radii; their intervals come from seeds only.
+The bootstrap resamples image indices (``draws``: scipy.stats.bootstrap's own draws, which
+tests/test_claims.py checks). Every row of n images draws the same indices, and rows sampled with
+the same seeds and captions hold the same image at an index, so the difference of two rows'
+``Resampled`` statistics is a paired bootstrap, resample by resample. That is how FID's
+resamples, which need the evaluation network's features and a d x d eigendecomposition each, are
+taken once in the evaluate stage (on its GPU at the paper scale: ``evaluation.FrechetToReference``)
+and kept in its ``features.safetensors``; the report subtracts them. Precision and recall get no
+bootstrap: a resample repeats images, and a repeated image is its own nearest neighbour, which
+breaks their k-nearest-neighbour radii; their intervals come from seeds only.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
-import torch
 from scipy import stats
 
 LEVEL = 0.95
 
 
-class FrechetToReference:
-    """FID of generated features against one reference (``mu``, ``sigma``), fast enough to repeat
-    hundreds of times: with R the reference's matrix square root (taken once, or passed in as
-    featnet saves it),
-
-        FID = |mu_g - mu|^2 + tr(S_g) + tr(sigma) - 2 tr sqrt(R S_g R),
-
-    and R S_g R shares its non-zero eigenvalues with the Gram matrix of R times the centred
-    features, of size min(n, d). ``resampler`` projects the features by R once, so that a
-    resample costs one small eigendecomposition. torch-fidelity's ``fid_statistics_to_metric``
-    takes ``scipy.linalg.sqrtm`` of a d x d product each call; the two agree
-    (tests/test_claims.py), and the point estimates in the report stay torch-fidelity's. On a
-    ``device`` (evaluate's GPU) the resamples' eigendecompositions run there, in float64."""
-
-    def __init__(self, mu: torch.Tensor, sigma: torch.Tensor, root: torch.Tensor | None = None, device: torch.device | str = "cpu"):
-        self.device = torch.device(device)
-        self.mu = mu.double().to(self.device)
-        self.root = (sigma_root(sigma) if root is None else root.double()).to(self.device)
-        self.trace = float(torch.trace(sigma.double()))
-
-    def resampler(self, features: torch.Tensor) -> Callable[[np.ndarray], float]:
-        """``indices -> FID of features[indices]``."""
-        features = features.double().to(self.device)
-        projected = features @ self.root  # row i: R x_i (R is symmetric)
-        d = features.shape[1]
-
-        def fid(indices) -> float:
-            indices = torch.as_tensor(indices, device=self.device)
-            chosen, scaled = features[indices], projected[indices]
-            n, mean = len(chosen), chosen.mean(0)
-            centred = (scaled - scaled.mean(0)) / (n - 1) ** 0.5  # rows: R (x_i - mean), scaled
-            gram = centred @ centred.T if n < d else centred.T @ centred
-            cross = torch.linalg.eigvalsh(gram).clamp(min=0).sqrt().sum()
-            spread = ((chosen - mean) ** 2).sum() / (n - 1)  # tr(S_g)
-            return float(((mean - self.mu) ** 2).sum() + spread + self.trace - 2 * cross)
-
-        return fid
-
-    def __call__(self, features: torch.Tensor) -> float:
-        return self.resampler(features)(np.arange(len(features)))
+def draws(n: int, resamples: int, seed: int = 0) -> np.ndarray:
+    """``resamples`` draws of ``n`` image indices with replacement, shape (resamples, n)."""
+    return np.random.default_rng(seed).integers(0, n, (resamples, n))
 
 
-def sigma_root(sigma: torch.Tensor) -> torch.Tensor:
-    """The symmetric square root of a covariance matrix (its negative rounding-error eigenvalues as 0)."""
-    values, vectors = torch.linalg.eigh(sigma.double())
-    return vectors @ torch.diag(values.clamp(min=0).sqrt()) @ vectors.T
+@dataclass(frozen=True)
+class Resampled:
+    """A statistic of ``n`` images on all of them (``estimate``) and on each of ``draws(n, R)``."""
+
+    n: int
+    estimate: float
+    distribution: np.ndarray  # (R,)
+
+    def __sub__(self, other: Resampled) -> Resampled:
+        """The paired difference: the same draws of the same image indices on both sides."""
+        if (self.n, len(self.distribution)) != (other.n, len(other.distribution)):
+            raise ValueError(f"unpaired resamples: {self.n} images x {len(self.distribution)} draws against "
+                             f"{other.n} x {len(other.distribution)}")  # fmt: skip
+        return Resampled(self.n, self.estimate - other.estimate, self.distribution - other.distribution)
+
+    def interval(self) -> tuple[float, float]:
+        """The 95% interval: the resamples' 2.5-97.5% spread about their median, placed about the
+        estimate on all images. Centred so because a resample repeats images, which raises FID by
+        a near-constant amount (a percentile interval could miss the estimate altogether); for a
+        mean (alignment, layout) the median and the estimate agree, and nothing moves."""
+        low, median, high = np.percentile(self.distribution, [50 * (1 - LEVEL), 50, 50 * (1 + LEVEL)])
+        return float(self.estimate + low - median), float(self.estimate + high - median)
+
+
+def resample(statistic: Callable[[np.ndarray], float], n: int, resamples: int, seed: int = 0) -> Resampled:
+    """``statistic(indices)`` on all ``n`` images and on each draw."""
+    distribution = np.array([statistic(indices) for indices in draws(n, resamples, seed)], dtype=np.float64)
+    return Resampled(n, float(statistic(np.arange(n))), distribution)
+
+
+def resample_mean(values: np.ndarray, resamples: int, seed: int = 0) -> Resampled:
+    """The mean of per-image ``values`` (alignment, layout distances), all draws at once."""
+    values = np.asarray(values, dtype=np.float64)
+    return Resampled(len(values), float(values.mean()), values[draws(len(values), resamples, seed)].mean(axis=1))
 
 
 def bootstrap(statistic: Callable[[np.ndarray], float], n: int, resamples: int, seed: int = 0) -> tuple[float, float]:
-    """A 95% interval of ``statistic(indices)`` from ``resamples`` draws of ``n`` image indices with
-    replacement (scipy.stats.bootstrap): the resamples' 2.5-97.5% spread about their median, placed
-    about the estimate on all ``n`` images. Centred so because a resample repeats images, which
-    raises FID by a near-constant amount (a percentile interval could miss the estimate altogether);
-    for a mean (alignment, layout) the median and the estimate agree, and nothing moves."""
-    result = stats.bootstrap(
-        (np.arange(n),), statistic, vectorized=False, n_resamples=resamples, confidence_level=LEVEL,
-        method="percentile", random_state=np.random.default_rng(seed),
-    )  # fmt: skip
-    low, median, high = np.percentile(result.bootstrap_distribution, [50 * (1 - LEVEL), 50, 50 * (1 + LEVEL)])
-    estimate = statistic(np.arange(n))
-    return float(estimate + low - median), float(estimate + high - median)
+    """A 95% interval of ``statistic(indices)`` from ``resamples`` draws of ``n`` image indices."""
+    return resample(statistic, n, resamples, seed).interval()
 
 
 def over_seeds(values: Sequence[float]) -> tuple[float, float | None, float | None]:

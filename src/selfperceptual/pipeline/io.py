@@ -9,8 +9,11 @@ import os
 import shutil
 import socket
 import tempfile
+from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+
+from safetensors import safe_open
 
 log = logging.getLogger("io")
 HOST = socket.gethostname().replace(".", "_")
@@ -89,6 +92,31 @@ def write_json(path: str | Path, data) -> None:
 
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
+
+
+class SavedArrays(Mapping):
+    """A safetensors file's arrays as numpy, each read from disk when first asked for (the report
+    reads some arrays of dozens of evaluations, not every array of each)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        with safe_open(self.path, framework="numpy") as handle:
+            self._names = tuple(handle.keys())
+        self._read: dict[str, object] = {}
+
+    def __getitem__(self, name: str):
+        if name not in self._names:
+            raise KeyError(f"{self.path} holds no {name!r} (it holds {', '.join(self._names)})")
+        if name not in self._read:
+            with safe_open(self.path, framework="numpy") as handle:
+                self._read[name] = handle.get_tensor(name)
+        return self._read[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
 
 
 def cores() -> int:

@@ -1,5 +1,6 @@
 """evaluate: FID (with a bootstrap interval), Inception Score, precision/recall and text alignment of
-one sampling row against the real reference images; keeps each image's features for the report.
+one sampling row against the real reference images; keeps for the report's paired intervals each
+image's features and alignment, and FID on each bootstrap resample (``intervals.draws``).
 
 Text alignment of the text-conditioned rows: with ``evaluate.clip`` (the rehearsal and paper
 scales), CLIP score, 100 times the cosine of the image's and the caption's CLIP embeddings, with
@@ -21,9 +22,8 @@ from safetensors.torch import load_file, save_file
 
 from .. import tracking
 from ...method.device import runtime
-from ..evaluation import check_featnet, clip_scores, extract, load_extractor, metrics
+from ..evaluation import FrechetToReference, check_featnet, clip_scores, extract, load_extractor, metrics
 from ..experiments import TRAIN_RUNS, peer_tags, row_named, train_run_named, unseeded
-from ..intervals import FrechetToReference, bootstrap
 from ..io import decode_images, write_json
 from ...method.sampling import grid
 from ..data.samples import sample_images
@@ -65,10 +65,12 @@ def run(args, config, scale, out) -> None:
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
     reference = load_file(args.featnet / "reference.safetensors")
     scores = {**metrics(features, logits, reference, config.evaluate.is_splits), "num_images": len(images)}
+    kept = {"features": features.float().contiguous()}  # per image: the report's layout distances
     if config.evaluate.bootstrap:
-        fid = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"), device.device).resampler(features)
-        scores["fid_low"], scores["fid_high"] = bootstrap(fid, len(images), config.evaluate.bootstrap)
-    per_image = {"features": features.float().contiguous()}
+        frechet = FrechetToReference(reference["mu"], reference["sigma"], reference.get("sigma_root"), device.device)
+        fid = frechet.resampled(features, config.evaluate.bootstrap)
+        scores["fid_low"], scores["fid_high"] = fid.interval()
+        kept |= {"fid_resamples": torch.from_numpy(fid.distribution), "fid_all": torch.tensor([fid.estimate], dtype=torch.float64)}
     prompts = sampled["prompts"][: len(images)]
     if config.evaluate.clip and all(prompts):
         alignment = clip_scores(config.evaluate.clip, images, prompts, config.evaluate.batch, device)
@@ -76,12 +78,12 @@ def run(args, config, scale, out) -> None:
         alignment = recognised(logits, prompts, caption_labels(args.corpus))
     if alignment is not None:
         scores["alignment"] = float(alignment.mean())  # the mean of the values the claims resample (no floor at 0)
-        per_image["alignment"] = alignment.float()
+        kept["alignment"] = alignment.float()
     data_clip = config.clip.model or (args.clip / "model" if args.clip else None)
     alignment_is_it = bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model  # the same CLIP: already computed
     if data_clip and all(prompts) and not alignment_is_it:
         scores["clip_score"] = float(clip_scores(str(data_clip), images, prompts, config.evaluate.batch, device).mean())
-    save_file(per_image, out / "features.safetensors")  # the report's paired intervals and layout distances
+    save_file(kept, out / "features.safetensors")  # the report's paired intervals: FID's resamples, alignment and layout per image
     write_json(out / "metrics.json", {"row": row.name, **scores})
     grid([images[:GRID_IMAGES]]).save(out / "samples.png")
     tags = {

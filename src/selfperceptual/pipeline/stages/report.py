@@ -7,15 +7,15 @@ import logging
 import shutil
 from pathlib import Path
 
+import numpy as np
 import yaml
-from safetensors.torch import load_file
 
 from ...method import objectives
 from ..claims import Evidence, Finding, RowRun, judge, twin_distances
 from ..document import Document, Section, to_html, to_markdown
 from ..experiments import PEERS, TABLES, TRAIN_RUNS, unseeded
-from ..intervals import bootstrap, over_seeds
-from ..io import read_json, write_json
+from ..intervals import over_seeds, resample_mean
+from ..io import SavedArrays, read_json, write_json
 
 log = logging.getLogger("report")
 PARAMS = ("report", "evaluate", "clip.model", "featnet.kind", "sample.num_images", "train.seeds")
@@ -157,9 +157,9 @@ def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
     """Each sampling row's evaluations (metrics.json, features.safetensors), one per training seed, in seed order."""
     found: dict[str, list[tuple[int, RowRun]]] = {}
     for folder in evaluations:
-        metrics, saved = read_json(folder / "metrics.json"), load_file(folder / "features.safetensors")
+        metrics = read_json(folder / "metrics.json")
         row, seed = unseeded(metrics["row"])
-        found.setdefault(row, []).append((seed, RowRun(metrics, saved["features"], saved.get("alignment"))))
+        found.setdefault(row, []).append((seed, RowRun(metrics, SavedArrays(folder / "features.safetensors"))))
     return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
 
 
@@ -219,9 +219,9 @@ def layout_distances(runs: dict[str, list[RowRun]], resamples: int) -> dict[str,
     found = {}
     for label, (first, second) in LAYOUT_PAIRS.items():
         a, b = runs[first][0].features, runs[second][0].features
-        b = b.roll(1, dims=0) if first == second else b  # one row against itself: another sample
-        values = twin_distances(a, b).double().numpy()
-        low, high = bootstrap(lambda images, values=values: float(values[images].mean()), len(values), resamples or 200)
+        b = np.roll(b, 1, axis=0) if first == second else b  # one row against itself: another sample
+        values = twin_distances(a, b)
+        low, high = resample_mean(values, resamples or 200).interval()
         found[label] = {"mean": float(values.mean()), "low": low, "high": high, "per_image": values.tolist()}
     return found
 
@@ -258,7 +258,7 @@ def run(args, config, scale, out) -> None:
     peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training},
                         clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model)
     margins = config.report.equivalence_margins
-    evidence = Evidence(runs, load_file(args.featnet / "reference.safetensors"), config.evaluate.bootstrap, margins.model_dump())
+    evidence = Evidence(runs, config.evaluate.bootstrap, margins.model_dump())
     judged = judge(evidence)
     claims = claims_table(judged)
     shown = figures(args.figures)
