@@ -128,6 +128,11 @@ def test_each_execution_is_a_parent_run_and_a_forced_rerun_trains_in_a_new_run(t
     client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("self-perceptual-smoke").experiment_id
     (first,) = client.search_runs([experiment], "tags.kind = 'train'")
+    # The params that apply to the run: the common training settings and MSE's own, no other objective's.
+    assert {"train.global_batch", "train.mse.learning_rate", "schedule.beta_end"} <= set(first.data.params)
+    assert not [key for key in first.data.params if key.startswith(("train.sp.", "train.lpl.", "train.casdm."))]
+    note = client.get_experiment(experiment).tags["mlflow.note.content"]  # the experiment's description: how to compare
+    assert "tags.tables LIKE '%table1%'" in note and "tags.comparison = 'peers'" in note
     run([*target, "--forcerun", "train_mse"], copy)
 
     parents = execution_runs(copy, "smoke")

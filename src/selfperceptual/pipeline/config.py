@@ -211,6 +211,12 @@ class TrainConfig(Section):
             raise ParamsError(f"train.{name}: the scale block has no settings for objective {name!r}")
         return settings
 
+    def applying_to(self, name: str, settings=None) -> dict:
+        """What a run of objective ``name`` is trained with: the common settings and that
+        objective's own (``settings``: as the run uses them), not the other objectives'."""
+        common = {key: value for key, value in self.model_dump().items() if key not in objectives.names()}
+        return {**common, name: (settings if settings is not None else self.objective(name)).model_dump()}
+
 
 class FeatNetConfig(Section):
     """The evaluation feature network: ``tiny`` is trained on held-out real corpus images,

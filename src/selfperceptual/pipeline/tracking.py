@@ -127,10 +127,30 @@ def prepare(scale: str) -> str:
         return _prepare(client, scale)
 
 
+def experiment_note(scale: str) -> str:
+    """The experiment's description in the UI: what its runs are and the filters that compare them."""
+    from .experiments import TABLES
+
+    return "\n".join([
+        f"Lin & Yang, *Diffusion Model with Perceptual Loss* (arXiv 2401.00110), rerun at the `{scale}` scale. "
+        "Each pipeline execution is a parent run (`tags.kind = 'execution'`) with its stages' runs nested under it.",
+        "",
+        "Compare: filter the runs with one of these (search box), select them, press *Compare*.",
+        "",
+        "- Training runs: `tags.kind = 'train'` (loss curves, preview grids); evaluation runs: `tags.kind = 'evaluate'` "
+        "(`fid` with `fid_low`/`fid_high`, `is`, `precision`, `recall`, `alignment`, a sample grid).",
+        *(f"- {table.title}: `tags.kind = 'evaluate' and tags.tables LIKE '%{key}%'`" for key, table in TABLES.items()),
+        "- The peers (LPL, Cas-DM) beside MSE and SP: `tags.comparison = 'peers'`.",
+        "- One training seed of the Table 1 and 8 rows: `tags.training_seed = '0'`; one execution: "
+        "`tags.pipeline_execution = '<id>'` (its parent run is named `execution <id>`).",
+    ])  # fmt: skip
+
+
 def _prepare(client, scale: str) -> str:
+    tags = {**EXPERIMENT_KIND, "mlflow.note.content": experiment_note(scale)}
     experiment = _retry(client.get_experiment_by_name, experiment_name(scale))
     if experiment is not None:
-        for key, value in EXPERIMENT_KIND.items():
+        for key, value in tags.items():
             if experiment.tags.get(key) != value:
                 _retry(client.set_experiment_tag, experiment.experiment_id, key, value)
         return experiment.experiment_id
@@ -138,7 +158,7 @@ def _prepare(client, scale: str) -> str:
     if tracking_uri().startswith("sqlite:"):
         location = (Path.cwd() / "mlartifacts").as_uri()
     try:
-        return _retry(client.create_experiment, experiment_name(scale), artifact_location=location, tags=EXPERIMENT_KIND)
+        return _retry(client.create_experiment, experiment_name(scale), artifact_location=location, tags=tags)
     except Exception:  # noqa: BLE001 - another process created it in between
         return _retry(client.get_experiment_by_name, experiment_name(scale)).experiment_id
 

@@ -144,7 +144,8 @@ def run(args, config, scale, out):
         run_ = tracking.TrainingRun(
             scale,
             stage=args.out.name,
-            params={"objective": args.objective, "conditioning": args.conditioning, "steps_of": args.steps_of, "overrides": " ".join(args.overrides), "train": config.train.model_dump(), "schedule": config.schedule.model_dump()},
+            params={"objective": args.objective, "conditioning": args.conditioning, "steps_of": args.steps_of, "overrides": " ".join(args.overrides),
+                    "train": config.train.applying_to(args.objective, settings_of), "schedule": config.schedule.model_dump()},
             tags={"objective": args.objective, "conditioning": args.conditioning, "kind": "train", "process": "served" if warm.SERVED else "new",
                   **objective.tags(settings_of, inputs), **peer_tags(args.out.name)},
             state_file=store.folder / "mlflow_run.json",
