@@ -19,6 +19,9 @@ from selfperceptual.pipeline.experiments import RELEASED_ROWS
 
 configfile: PARAMS_FILE
 
+
+report: "workflow/report/workflow.rst"
+
 try:
     SCALE, CONFIG = load_params(PARAMS_FILE, config.get("scale"))
     # Partition, account and GPU type: `cluster:` of the Snakemake config, else the user's cluster.yaml.
@@ -49,8 +52,7 @@ if DVC_SCALE == SCALE and not DVC_CURRENT:
           "recorded with DVC. Run `make generate` to update dvc.yaml.")
 
 
-def at_scale(path):
-    return path.format(scale=SCALE)
+include: "workflow/rules/common.smk"
 
 
 rule all:  # the default target: the first rule of this file (rules of included files never are)
@@ -68,21 +70,10 @@ if CONFIG.authors:
             [at_scale(run_dir(f"evaluate_{row}")) for row in RELEASED_ROWS],
 
 
-# Stages run here start in a second, forked from a server that has done their imports
-# (src/selfperceptual/pipeline/warm.py; SP_WARM_STAGES=0 turns it off).
-WARM = []
-
-
 onstart:
     tracking.prepare(SCALE)
     tracking.start_execution(SCALE, "snakemake")  # the run its stages' runs nest under
     WARM.append(warm.start(local=workflow.local_exec))
-
-
-def stop_warm():
-    for server in filter(None, WARM):
-        server.stop()
-    WARM.clear()
 
 
 onerror:

@@ -1,6 +1,7 @@
 """What a finished run of the whole DAG must hold, at whichever scale and whichever tool ran it."""
 
 import json
+import re
 
 import mlflow
 
@@ -8,8 +9,15 @@ from selfperceptual.pipeline.claims import CLAIMS, CONTRADICTED, NOT_EVALUATED, 
 from selfperceptual.pipeline.config import load_params
 from selfperceptual.pipeline.dag import build_stages
 from selfperceptual.pipeline.experiments import PEERS, RELEASED_ROWS, SAMPLE_ROWS, TRAIN_RUNS
+from selfperceptual.pipeline.stages.report import MARKS
 
 VERDICTS = (SUPPORTED, CONTRADICTED, UNRESOLVED, NOT_EVALUATED)
+
+
+def image_steps(client, run_id: str, key: str) -> list[int]:
+    """The steps at which a run logged MLflow images of ``key`` (images/<key>+step+<step>+timestamp+....png)."""
+    names = [artifact.path.removeprefix("images/") for artifact in client.list_artifacts(run_id, "images")]
+    return sorted(int(name.split("+")[2]) for name in names if name.startswith(f"{key}+step+") and not name.endswith("+compressed.webp"))
 
 
 def finished_runs(copy, scale):
@@ -85,6 +93,11 @@ def check_outputs_and_runs(copy, scale):
     assert set(runs[runs["tags.comparison"] == "peers"]["tags.stage"]) == {s for p in PEERS for s in (p.training, f"evaluate_{p.row}")}
     assert (evaluations.loc["sp_layer_decoder_s25", "tags.tables"], evaluations.loc["sp_layer_decoder_s25", "tags.ablation"]) == ("table2", "sp.layer=decoder")
     assert evaluations["metrics.fid"].notna().all() and evaluations["metrics.is"].notna().all()
+    # The report links each table row to its evaluation runs (the authors' checkpoints have columns, not rows).
+    linked = set(re.findall(r"/runs/([0-9a-f]{32})\?workflowType=machine_learning", report))
+    assert linked == set(evaluations[~evaluations.index.str.startswith("authors_")]["run_id"])
+    for claim in results["claims"]:  # each verdict with its mark
+        assert f"{MARKS[claim['verdict']][0]} {claim['verdict']}" in report, claim["claim"]
     trains = runs[runs["tags.kind"] == "train"]
     assert set(trains["tags.objective"]) == {"mse", "sp", "lpl", "casdm"}
     by_stage = trains.set_index("tags.stage")
@@ -95,5 +108,4 @@ def check_outputs_and_runs(copy, scale):
     assert json.loads((runs_dir / "train_sp_tprime_near40" / "params.json").read_text())["train"]["sp"]["t_prime"] == "near40"
     history = mlflow.MlflowClient().get_metric_history(trains.iloc[0]["run_id"], "loss")
     assert len(history) >= 2
-    artifacts = mlflow.MlflowClient().list_artifacts(trains.iloc[0]["run_id"], "images")
-    assert artifacts and artifacts[0].path.endswith(".png")
+    assert image_steps(mlflow.MlflowClient(), trains.iloc[0]["run_id"], "preview")  # the preview sheets, by step

@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import psutil
@@ -32,7 +33,8 @@ def _kill_after_first_checkpoint(copy, stage: str, snakemake: subprocess.Popen, 
             for process in psutil.process_iter(["cmdline"]):
                 cmdline = process.info["cmdline"] or []
                 # the stage itself (`python -m selfperceptual train ... --out runs/rehearsal/<stage>`), not its shell
-                if cmdline[:1] and Path(cmdline[0]).name.startswith("python") and cmdline[-2:] == ["--out", f"runs/rehearsal/{stage}"]:
+                out = cmdline[cmdline.index("--out") + 1 : cmdline.index("--out") + 2] if "--out" in cmdline else []
+                if cmdline[:1] and Path(cmdline[0]).name.startswith("python") and out == [f"runs/rehearsal/{stage}"]:
                     process.send_signal(signal.SIGKILL)
                     process.wait(timeout=30)
                     return max(path.name for path in checkpoints.glob("*/run-*/step-*"))  # the latest, once it is dead
@@ -90,6 +92,18 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     assert json.loads(status.stdout) == {}, status.stdout
     again = run([sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=rehearsal"], copy)
     assert "Nothing to be done" in again.stdout + again.stderr
+
+    # Each job's console is in its log: the killed training's two attempts, each after its header.
+    log = (runs_dir / "logs" / "train_mse.log").read_text()
+    assert log.count("\n=== ") + log.startswith("=== ") == 2 and "resuming from" in log.split("=== ")[-1], log[-3000:]
+    # Snakemake's own report holds the results as report items: the report, its tables, the figures, samples, previews.
+    run([sys.executable, "-m", "snakemake", "--report", "snakemake-report.zip", "--config", "scale=rehearsal"], copy)
+    with zipfile.ZipFile(copy / "snakemake-report.zip") as archive:  # items: <report>/data/raw/<id>/<file in the stage's folder>
+        items = [name.split("/data/raw/", 1)[1].split("/", 1)[1] for name in archive.namelist() if "/data/raw/" in name]
+    assert {"report.html", "fig3_4.png", "layout.png", "loss_curves.png"} <= set(items) and "tables/02_table_1_quantitative_evaluation.csv" in items
+    stages = build_stages(config)
+    assert items.count("samples.png") == sum(stage.command == "evaluate" for stage in stages)
+    assert items.count("preview.png") == items.count("loss_curve.json") == sum(stage.command == "train" for stage in stages)
 
 
 # Each kind of stage but the figures and the report, with the data stages (clip-retrieval, the tiny

@@ -1,5 +1,6 @@
 """MLflow: parallel jobs on one SQLite file never fail on the database; a stage logs to an MLflow server."""
 
+import json
 import multiprocessing
 import os
 import signal
@@ -12,6 +13,8 @@ import urllib.request
 import mlflow
 import pytest
 from conftest import run_stage
+from PIL import Image
+from run_checks import image_steps
 
 from selfperceptual.pipeline import tracking
 
@@ -110,8 +113,13 @@ def test_a_stage_logs_to_an_mlflow_server(mlflow_server, smoke_stages, tmp_path,
     assert run.data.tags["row"] == "sp_cfg3_r07_s25" and run.data.tags["pipeline_execution"] == "server-test"
     assert run.data.tags["mlflow.parentRunId"] == parent.info.run_id and parent.data.tags["pipeline_execution"] == "server-test"
     assert run.info.end_time - run.info.start_time > 1000  # the run began with the stage, not when it was written
+    # It existed while the stage worked: the outputs name it (the report links each row to it).
+    assert json.loads((tmp_path / "evaluate" / "tracking.json").read_text())["run_id"] == run.info.run_id
     assert run.data.metrics["fid"] > 0 and run.data.metrics["num_images"] == 8
-    assert [artifact.path for artifact in client.list_artifacts(run.info.run_id, "images")] == ["images/samples.png"]
+    assert image_steps(client, run.info.run_id, "samples") == [0]  # one key in every evaluation run: compared side by side
+    assert "samples.png" in {a.path for a in client.list_artifacts(run.info.run_id)}  # the same file in every evaluation run: Compare shows them
+    (name,) = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+    assert Image.open(client.download_artifacts(run.info.run_id, name, str(tmp_path))).width >= 4 * 128  # 8 samples of 32 px, enlarged
     assert not (tmp_path / "mlflow.db").exists()
 
 
@@ -124,13 +132,14 @@ def test_each_execution_is_a_parent_run_and_a_forced_rerun_trains_in_a_new_run(t
 
     copy = copy_repository(tmp_path / "repo", scale="smoke")
     target = [sys.executable, "-m", "snakemake", "--cores", "2", "runs/smoke/train_mse"]
-    run(target, copy)
+    run(target, copy, env={"MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})  # a few seconds of training: sample often
     client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("self-perceptual-smoke").experiment_id
     (first,) = client.search_runs([experiment], "tags.kind = 'train'")
     # The params that apply to the run: the common training settings and MSE's own, no other objective's.
     assert {"train.global_batch", "train.mse.learning_rate", "schedule.beta_end"} <= set(first.data.params)
     assert not [key for key in first.data.params if key.startswith(("train.sp.", "train.lpl.", "train.casdm."))]
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(first.data.metrics)  # MLflow's system metrics
     note = client.get_experiment(experiment).tags["mlflow.note.content"]  # the experiment's description: how to compare
     assert "tags.tables LIKE '%table1%'" in note and "tags.comparison = 'peers'" in note
     run([*target, "--forcerun", "train_mse"], copy)

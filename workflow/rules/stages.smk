@@ -11,7 +11,9 @@ for stage in STAGES:
         input:
             [at_scale(dep) for dep in stage.deps],
         output:
-            directory(at_scale(stage.out)),
+            reported(stage, directory(at_scale(stage.out))),  # common.smk: what `snakemake --report` shows
+        log:
+            at_scale(f"runs/{{scale}}/logs/{stage.name}.log"),  # the job's console, appended per attempt
         benchmark:
             at_scale(f"runs/{{scale}}/benchmarks/{stage.name}.tsv")
         threads: CONFIG.resources.of(stage.command).cpus  # Snakemake sets OMP_NUM_THREADS from this
@@ -25,4 +27,4 @@ for stage in STAGES:
             cmd=at_scale(stage.cmd),
             values=json.dumps(param_values(config[SCALE], stage.params), sort_keys=True),
         shell:
-            "{params.cmd}"
+            "{params.cmd} --log {log}"  # the stage copies its console there itself (io.console_copied_to)

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import distributed, stages, tracking
 from ..method.errors import InputError, MethodError
 from .config import ConfigView, ParamsError, load_params
-from .io import atomic_dir, write_json
+from .io import atomic_dir, console_copied_to, write_json
 from .tracking import TrackingError
 
 STAGES = ("corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train", "aesthetic", "base", "featnet", "encode", "train", "freeze",
@@ -44,6 +44,7 @@ def _parser(chosen: str | None) -> argparse.ArgumentParser:
             "--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
             help="override a key of the scale block, e.g. train.sp.layer=encoder (repeatable; how ablations are run)",
         )
+        sub.add_argument("--log", type=Path, help="also write the console output to this file (appended; Snakemake's log of the job)")
         module.add_arguments(sub)
         sub.set_defaults(module=module)
     return parser
@@ -57,19 +58,33 @@ def message(error: MethodError) -> str:
     return str(error)
 
 
+def _without_log(argv: list[str]) -> list[str]:
+    kept, skip = [], False
+    for arg in argv:
+        if not skip and arg != "--log" and not arg.startswith("--log="):
+            kept.append(arg)
+        skip = arg == "--log"
+    return kept
+
+
 def main(argv=None) -> int:
     tracking.stage_started(time.time())  # its MLflow runs begin now, not when they are written
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
     argv = sys.argv[1:] if argv is None else argv
     chosen = next((arg for arg in argv if not arg.startswith("-")), None)
     args = _parser(chosen).parse_args(argv)
+    with console_copied_to(args.log):
+        return _run(args, argv)
+
+
+def _run(args, argv) -> int:
     try:
         scale, config = load_params(args.params, args.scale, args.overrides)
     except ParamsError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     launcher = getattr(args.module, "launcher", None)
-    command = launcher(argv, config) if launcher else None
+    command = launcher(_without_log(argv), config) if launcher else None  # its processes' output reaches this one's log
     if command:  # e.g. train on a node with several GPUs: one process per GPU, through accelerate
         logging.getLogger("cli").info("launching: %s", " ".join(command))
         return distributed.run_launch(command)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
+from ..method import objectives
 from ..method.objectives.sp import SelfPerceptualSettings
 from .config import TrainConfig, settings_affecting
 
@@ -370,3 +371,25 @@ DRAWBENCH_FIGURE_PROMPTS = (
     "A sheep to the right of a wine glass.",
     "A photo of a confused grizzly bear in calculus class.",
 )
+
+
+def row_label(name: str) -> str:
+    """A sampling row in words, as the report states the claims: ``SP``, ``MSE + CFG 7.5, rescale
+    0.7``, ``SP (layer=encoder)``, ``SP, unconditional``, ``SP, 50 steps``, ``the authors' SP``."""
+    row = row_named(name)
+    base, seed = unseeded(row.model)
+    model, run = MODELS[base], TRAIN_RUNS.get(base)
+    words = ("the authors' " if base in RELEASED_MODELS else "") + objectives.get(model.objective).label
+    if run and run.steps_of:
+        words += ", continued"  # the peers' control: the same loss, as many more steps as the others
+    if run and run.settings:
+        words += f" ({run.ablation})"
+    elif run and run.objective == "sp" and TRAIN_RUNS.get(run.init, run).objective == "sp":
+        words += " (round 2)"  # Table 6: from the SP model, its f* frozen from it
+    if row.conditioning == "uncond":
+        words += ", unconditional"
+    if row.cfg is not None:
+        words += f" + CFG {row.cfg:g}" + ("" if row.rescale is None else f", rescale {row.rescale:g}")
+    if row.steps != 25:
+        words += f", {row.steps} steps"
+    return words + (f", training seed {seed}" if seed else "")

@@ -8,7 +8,10 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -117,6 +120,55 @@ class SavedArrays(Mapping):
 
     def __len__(self) -> int:
         return len(self._names)
+
+
+@contextlib.contextmanager
+def console_copied_to(path: str | Path | None):
+    """Everything this process and its children write to stdout and stderr also goes to the file
+    ``path`` (appended, after a header line), and on to the stderr the process had: the job's log
+    that Snakemake asks for, with the progress bars still on the console. The copy is made by a
+    thread of this process, so a stage stopped by SIGTERM still logs to the end; nothing is copied
+    without ``path``."""
+    if path is None:
+        yield
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    log = open(path, "ab")  # noqa: SIM115 - closed below, after the pump's last write
+    log.write(f"=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n".encode())
+    log.flush()
+    read, write = os.pipe()
+    saved = os.dup(1), os.dup(2)
+    os.dup2(write, 1)
+    os.dup2(write, 2)
+    os.close(write)
+
+    def pump() -> None:
+        try:
+            while chunk := os.read(read, 1 << 16):
+                os.write(saved[1], chunk)
+                log.write(chunk)
+                log.flush()
+        except (OSError, ValueError):  # the console or the log went away: stop copying
+            pass
+
+    thread = threading.Thread(target=pump, name="console-log", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os.dup2(saved[0], 1)  # the pipe's last write ends in this process close here
+        os.dup2(saved[1], 2)
+        thread.join(timeout=5)  # a child still holding the pipe (a worker left behind) is not waited for
+        if not thread.is_alive():
+            os.close(read)
+            log.close()
+        for fd in saved:
+            os.close(fd)
 
 
 def cores() -> int:

@@ -1,8 +1,8 @@
 """MLflow as a sink: stages write their results locally first, then push them here.
 
-Evaluation stages push once, after their output folder is in place. A training stage's run is
-live (``TrainingRun``): created RUNNING before the first step, fed the loss curve and preview
-grids as training goes, continued by a resumed stage, and ended FINISHED, FAILED or KILLED. A
+Training and evaluation runs are live (``LiveRun``): created RUNNING as the stage starts, fed (a
+training's loss curve and preview sheets) as it goes, continued by a resumed training stage, and
+ended FINISHED, FAILED or KILLED. Other stages push one run once their output folder is in place. A
 tracking failure never costs the local record: the stage finishes its outputs, then fails with
 a ``TrackingError`` naming the tracking URI, and a rerun reports again.
 
@@ -163,13 +163,26 @@ def _prepare(client, scale: str) -> str:
         return _retry(client.get_experiment_by_name, experiment_name(scale)).experiment_id
 
 
+LOCAL_UI = "http://127.0.0.1:5000"  # where `mlflow ui` serves a local store
+
+
+def _ui_base(uri: str) -> str:
+    return uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
+
+
 def ui_hint(experiment_id: str) -> str:
     """Where to look at an experiment in the MLflow UI, on its runs (not the GenAI overview)."""
     page = f"#/experiments/{experiment_id}?workflowType=machine_learning"
     uri = tracking_uri()
     if uri.startswith(("http://", "https://")):
-        return f"MLflow: {uri.rstrip('/')}/{page}"
-    return f"MLflow: mlflow ui --backend-store-uri {uri}  then open http://127.0.0.1:5000/{page}"
+        return f"MLflow: {_ui_base(uri)}/{page}"
+    return f"MLflow: mlflow ui --backend-store-uri {uri}  then open {LOCAL_UI}/{page}"
+
+
+def run_link(run_id: str, experiment_id: str, uri: str | None = None) -> str:
+    """A run's page in the MLflow UI, in its model-training view: on the tracking server, or on
+    ``mlflow ui`` of a local store."""
+    return f"{_ui_base(uri or tracking_uri())}/#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning"
 
 
 def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
@@ -192,6 +205,15 @@ def _metrics(values: dict[str, float] | None = None, series: dict[str, list] | N
     for key, points in (series or {}).items():
         entries.extend(Metric(key, float(point[1]), int(point[2]) if len(point) > 2 else now, int(point[0])) for point in points)
     return entries
+
+
+def _log_image(client, run_id: str, key: str, path: Path, step: int) -> None:
+    """An MLflow image of ``key`` at ``step``: the run's page shows each key with a step slider, and
+    comparing runs shows the same key side by side (a file artifact would show neither)."""
+    from PIL import Image
+
+    with Image.open(path) as image:
+        _retry(client.log_image, run_id, image.convert("RGB"), key=key, step=step)
 
 
 def _log_batches(client, run_id: str, metrics=(), params: dict | None = None) -> None:
@@ -279,12 +301,16 @@ def log_run(
     series: dict[str, list[tuple[int, float]]] | None = None,
     images: list[Path] = (),
     artifacts: list[Path] = (),
+    keyed_images: dict[str, Path] | None = None,
 ) -> str:
-    """Creates one finished run: params, tags, final metrics, metric series and image files."""
+    """Creates one finished run: params, tags, final metrics, metric series, image files (figures)
+    and MLflow images (``keyed_images``: key -> file, at step 0)."""
     try:
         client = _client()
         run_id = _create_run(client, scale, stage, tags)
         _log_batches(client, run_id, _metrics(metrics, series), params)
+        for key, path in (keyed_images or {}).items():
+            _log_image(client, run_id, key, path, 0)
         for path in images:
             _retry(client.log_artifact, run_id, str(path), "images")
         for path in artifacts:
@@ -296,29 +322,46 @@ def log_run(
     return run_id
 
 
-class TrainingRun:
-    """One training stage's live MLflow run. Its id is kept in ``state_file`` (beside the
-    stage's checkpoints), so a resumed stage continues the same run. The first failure of the
-    store is remembered and later calls are skipped: training goes on, and ``raise_if_failed``
-    reports it once the outputs are safe."""
+class LiveRun:
+    """One stage's live MLflow run: RUNNING from the stage's start, ended with the stage. A
+    training stage keeps its id in ``state_file`` (beside its checkpoints), so a resumed stage
+    continues the same run; without one (evaluation) every execution is a new run. The first
+    failure of the store is remembered and later calls are skipped: the stage goes on, and
+    ``raise_if_failed`` reports it once the outputs are safe."""
 
-    def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path):
+    def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path | None = None, system_metrics: bool = True):
         self.error: Exception | None = None
         self.scale = scale
         self.run_id: str | None = None
-        self._client = None
-        saved = read_json(state_file) if state_file.is_file() else {}
+        self.experiment_id: str | None = None
+        self._client = self._system = None
+        saved = read_json(state_file) if state_file is not None and state_file.is_file() else {}
         try:
             self._client = _client()
-            if saved.get("tracking_uri") == tracking_uri() and saved.get("run_id"):
+            self.experiment_id = prepare(scale)
+            resumed = saved.get("tracking_uri") == tracking_uri() and bool(saved.get("run_id"))
+            if resumed:
                 self.run_id = saved["run_id"]
                 _retry(self._client.update_run, self.run_id, status="RUNNING")
             else:
                 self.run_id = _create_run(self._client, scale, stage, tags)
                 _log_batches(self._client, self.run_id, [], params)
-                write_json(state_file, {"run_id": self.run_id, "tracking_uri": tracking_uri()})
+                if state_file is not None:
+                    write_json(state_file, {"run_id": self.run_id, "tracking_uri": tracking_uri()})
+            if system_metrics:
+                self._watch_system(resumed)
         except Exception as error:  # noqa: BLE001
             self._failed(error)
+
+    def _watch_system(self, resumed: bool) -> None:
+        """MLflow's system metrics while the run trains (``system/...``: CPU, memory, disk, network,
+        and each GPU's utilisation and memory where NVML finds one), every 10 s
+        (``MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL``); a resumed run continues their steps. They
+        are the machine's, seen from the first process of the job."""
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system = SystemMetricsMonitor(self.run_id, resume_logging=resumed, tracking_uri=tracking_uri())
+        self._system.start()
 
     def _failed(self, error: Exception) -> None:
         if self.error is None:
@@ -336,14 +379,21 @@ class TrainingRun:
     def log_points(self, series: dict[str, list]) -> None:
         self._call(lambda: _log_batches(self._client, self.run_id, _metrics(series=series)))
 
-    def log_image(self, path: Path) -> None:
-        self._call(_retry, lambda: self._client.log_artifact(self.run_id, str(path), "images"))
+    def log_image(self, key: str, path: Path, step: int) -> None:
+        self._call(_log_image, self._client, self.run_id, key, path, step)
 
-    def end(self, status: str, metrics: dict[str, float] | None = None, series: dict | None = None, images: list[Path] = ()) -> None:
-        """Sends what may be missing (re-sent points are dropped as duplicates), then the status."""
+    def end(self, status: str, metrics: dict[str, float] | None = None, series: dict | None = None,
+            images: dict[str, tuple[Path, int]] | None = None) -> None:  # fmt: skip
+        """Sends what may be missing (re-sent points are dropped as duplicates), then ``images``
+        (key -> (file, step)), each also as the file at the root of the run's artifacts (the same
+        name in every run of a kind: the UI's *Compare* page shows common files side by side),
+        then the status."""
+        if self._system is not None:
+            self._system.finish()  # its last samples, before the run ends
         self._call(lambda: _log_batches(self._client, self.run_id, _metrics(metrics, series)))
-        for path in images:
-            self.log_image(path)
+        for key, (path, step) in (images or {}).items():
+            self.log_image(key, path, step)
+            self._call(lambda path=path: _retry(self._client.log_artifact, self.run_id, str(path)))
         self._call(_retry, lambda: self._client.set_terminated(self.run_id, status))
         self._call(_stage_ended, self._client, self.scale, status)
 

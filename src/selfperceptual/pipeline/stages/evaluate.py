@@ -25,7 +25,7 @@ from ...method.device import runtime
 from ..evaluation import FrechetToReference, check_featnet, clip_scores, extract, load_extractor, metrics
 from ..experiments import TRAIN_RUNS, peer_tags, row_named, train_run_named, unseeded
 from ..io import decode_images, write_json
-from ...method.sampling import grid
+from ..sheets import sheet
 from ..data.samples import sample_images
 
 log = logging.getLogger("evaluate")
@@ -56,10 +56,52 @@ def recognised(logits: torch.Tensor, prompts: list[str], labels: dict[str, int])
     return (logits.argmax(1) == torch.tensor([labels[prompt] for prompt in prompts])).float()
 
 
+def run_tags(row, sampled: dict, stage: str) -> dict:
+    """The evaluation run's tags: what to filter and compare by."""
+    trained = row.model in TRAIN_RUNS or unseeded(row.model)[0] in TRAIN_RUNS
+    return {
+        "kind": "evaluate",
+        "row": row.name,
+        "row_without_seed": unseeded(row.name)[0],  # the runs of one row over training seeds share it
+        "training_seed": unseeded(row.name)[1],
+        "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
+        "model": row.model,
+        "ablation": train_run_named(row.model).ablation if trained else "none",
+        "objective": row.objective,
+        "conditioning": row.conditioning,
+        "cfg": row.cfg if row.cfg is not None else "none",
+        "rescale": row.rescale if row.rescale is not None else "none",
+        "steps": row.steps,
+        "nfe": row.nfe,
+        "model_run_id": sampled.get("model_run_id") or "none",  # the training run of the sampled model
+        **peer_tags(stage),
+    }
+
+
 def run(args, config, scale, out) -> None:
     check_featnet(args.featnet)
     sampled, paths = sample_images(args.samples)
     row = row_named(sampled["row"])
+    params = {"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]}
+    live = tracking.LiveRun(scale, args.out.name, params, run_tags(row, sampled, args.out.name), system_metrics=False)  # RUNNING while it works
+    try:
+        scores = evaluate(args, config, row, sampled, paths, out)
+    except BaseException:
+        live.end("FAILED")
+        raise
+    if live.run_id:  # the report links each row to this run
+        write_json(out / "tracking.json", {"run_id": live.run_id, "experiment_id": live.experiment_id, "tracking_uri": tracking.tracking_uri()})
+    log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
+
+    def report() -> None:
+        live.end("FINISHED", metrics=scores, images={"samples": (args.out / "samples.png", 0)})  # one key in every evaluation run: compared side by side
+        live.raise_if_failed()
+
+    return report
+
+
+def evaluate(args, config, row, sampled: dict, paths: list[Path], out: Path) -> dict[str, float]:
+    """Writes the evaluation's files into ``out``; returns its scores."""
     images = decode_images(paths)
     device = runtime(config.evaluate.precision)
     features, logits = extract(load_extractor(args.featnet, device), images, config.evaluate.batch, device)
@@ -85,30 +127,9 @@ def run(args, config, scale, out) -> None:
         scores["clip_score"] = float(clip_scores(str(data_clip), images, prompts, config.evaluate.batch, device).mean())
     save_file(kept, out / "features.safetensors")  # the report's paired intervals: FID's resamples, alignment and layout per image
     write_json(out / "metrics.json", {"row": row.name, **scores})
-    grid([images[:GRID_IMAGES]]).save(out / "samples.png")
-    tags = {
-        "kind": "evaluate",
-        "row": row.name,
-        "row_without_seed": unseeded(row.name)[0],  # the runs of one row over training seeds share it
-        "training_seed": unseeded(row.name)[1],
-        "tables": " ".join(row.tables),  # filter with tags.tables LIKE '%table3%'
-        "model": row.model,
-        "ablation": train_run_named(row.model).ablation if row.model in TRAIN_RUNS or unseeded(row.model)[0] in TRAIN_RUNS else "none",
-        "objective": row.objective,
-        "conditioning": row.conditioning,
-        "cfg": row.cfg if row.cfg is not None else "none",
-        "rescale": row.rescale if row.rescale is not None else "none",
-        "steps": row.steps,
-        "nfe": row.nfe,
-        "model_run_id": sampled.get("model_run_id") or "none",  # the training run of the sampled model
-        **peer_tags(args.out.name),
-    }
-    log.info("evaluate %s: %s", row.name, ", ".join(f"{key} {value:.4g}" for key, value in scores.items()))
-    return lambda: tracking.log_run(
-        scale,
-        stage=args.out.name,
-        params={"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]},
-        tags=tags,
-        metrics=scores,
-        images=[args.out / "samples.png"],
-    )
+    guidance = "no CFG" if row.cfg is None else f"CFG {row.cfg:g}" + ("" if row.rescale is None else f", rescale {row.rescale:g}")
+    shown = min(GRID_IMAGES, len(images))
+    captions = [f"seed {sampled['seeds'][i]}: {prompts[i] or '(empty prompt)'}" for i in range(shown)]
+    title = f"{row.name}: {row.model}, {row.steps} DDIM steps, {guidance}; the first {len(captions)} of {len(images)} samples"
+    sheet(images[:shown], captions, title).save(out / "samples.png")
+    return scores

@@ -4,16 +4,18 @@ layout-preservation figure and the loss curves."""
 from __future__ import annotations
 
 import logging
+import re
 import shutil
 from pathlib import Path
 
 import numpy as np
 import yaml
 
+from .. import tracking
 from ...method import objectives
-from ..claims import Evidence, Finding, RowRun, judge, twin_distances
-from ..document import Document, Section, to_html, to_markdown
-from ..experiments import PEERS, TABLES, TRAIN_RUNS, unseeded
+from ..claims import CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED, Evidence, Finding, RowRun, judge, twin_distances
+from ..document import Document, Links, Marked, Section, to_html, to_markdown, write_tables
+from ..experiments import PEERS, TABLES, TRAIN_RUNS, row_label, unseeded
 from ..intervals import over_seeds, resample_mean
 from ..io import SavedArrays, read_json, write_json
 
@@ -73,9 +75,10 @@ def paper_entry(paper_rows: list[dict], key: dict) -> dict:
     return matches[0]
 
 
-def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[str, list[list[str]]]:
+def build_tables(metrics: dict[str, dict], paper: dict, real_is: float, links: dict[str, Links] | None = None) -> dict[str, list[list[str]]]:
     """Every table of TABLES, each of our rows beside the paper's; a missing metric shows as —.
-    Where the authors' checkpoints were evaluated (rows ``authors_<row>``), Table 1 shows them too."""
+    Where the authors' checkpoints were evaluated (rows ``authors_<row>``), Table 1 shows them too.
+    With ``links`` (row -> its evaluation runs in MLflow), a last column links each row to them."""
     tables = {}
     clip_header = ["CLIP score (ours)"] if any("clip_score" in row for row in metrics.values()) else []
     for name, table in TABLES.items():
@@ -83,6 +86,7 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
         header = ["FID (paper)", "FID (ours)", "IS (paper)", "IS (ours)"]
         header += ["FID (authors' checkpoint)", "IS (authors' checkpoint)"] if released else []
         header += ["FID 95%, images (ours)", "Precision (ours)", "Recall (ours)", "Alignment (ours)", *clip_header, "Training seeds"]
+        header += ["MLflow"] if links else []
         rows = [[column.replace("_", " ").capitalize() for column in table.columns] + header]
         for entry in table.rows:
             theirs = paper_entry(paper[name], entry.paper)
@@ -97,16 +101,17 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float) -> dict[
             cells += [_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")]
             cells += [_fmt(ours.get("clip_score"), 2, ours.get("clip_score_spread"))] if clip_header else []
             cells += [str(ours.get("seeds", "—")) if entry.row else "—"]
+            cells += [links.get(entry.row, "—") if entry.row else "—"] if links else []
             rows.append(settings + cells)
         tables[name] = rows
     return tables
 
 
-def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_alignment: bool = False) -> list[list[str]]:
+def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_alignment: bool = False, links: dict[str, Links] | None = None) -> list[list[str]]:
     """SP beside the other perceptual objectives, one row per peer (experiments.PEERS): the same
     sampling row settings, the evaluation of Table 1, and the cost its training stage measured."""
     rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment", "CLIP score",
-             "s/step (this run)", "Peak memory MiB (this run)"]]  # fmt: skip
+             "s/step (this run)", "Peak memory MiB (this run)", *(["MLflow"] if links else [])]]  # fmt: skip
     for peer in PEERS:
         ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
         rows.append([
@@ -115,6 +120,7 @@ def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_ali
             *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
             _fmt(ours.get("clip_score", ours.get("alignment") if clip_is_alignment else None), 2),
             _fmt(cost.get("seconds_per_step"), 3), _fmt(cost.get("peak_memory_mib"), 0),
+            *([links.get(peer.row, "—")] if links else []),
         ])  # fmt: skip
     return rows
 
@@ -163,21 +169,53 @@ def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
     return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
 
 
+def run_links(evaluations: list[Path]) -> dict[str, Links]:
+    """Each sampling row's evaluation runs in MLflow (from each evaluation's tracking.json), one
+    link per training seed."""
+    found: dict[str, list[tuple[int, dict]]] = {}
+    for folder in evaluations:
+        if (folder / "tracking.json").is_file():
+            row, seed = unseeded(read_json(folder / "metrics.json")["row"])
+            found.setdefault(row, []).append((seed, read_json(folder / "tracking.json")))
+    return {
+        row: Links([("run" if len(runs) == 1 else f"seed {seed}", tracking.run_link(run["run_id"], run["experiment_id"], run["tracking_uri"]))
+                    for seed, run in sorted(runs, key=lambda pair: pair[0])])
+        for row, runs in found.items()
+    }  # fmt: skip
+
+
 def _signed(value) -> str:
     if value is None:
         return "—"
     return f"{0.0 if abs(value) < 1e-6 else value:+.3g}"  # float noise of equal numbers shows as +0
 
 
+STATISTIC = {"fid": "FID", "precision": "precision", "recall": "recall", "alignment": "alignment", "layout": "layout distance"}
+CLAIMED = {"<": "lower", ">": "higher", "=": "the same", ">=": "not lower"}
+MARKS = {SUPPORTED: ("✔", "supported"), CONTRADICTED: ("✘", "contradicted"), UNRESOLVED: ("?", "unresolved"), NOT_EVALUATED: ("–", "not-evaluated")}
+
+
 def describe_finding(finding: Finding) -> str:
+    """One difference in words, with its direction, e.g. "SP: FID 12.2 higher than MSE [+7.5,
+    +17.8] (paired bootstrap over images); the paper: lower → contradicted"."""
+    difference = finding.difference
+    statistic = STATISTIC[difference.statistic]
+    first, second = (" vs ".join(map(row_label, rows)) for rows in (difference.a, difference.b))
+    if finding.estimate is None:
+        return f"{first} against {second}: no {statistic} ({finding.source})"
+    size = abs(finding.estimate)
+    relation = "the same as" if size < 1e-6 else f"{size:.3g} {'higher' if finding.estimate > 0 else 'lower'} than"
     interval = "" if finding.low is None else f" [{_signed(finding.low)}, {_signed(finding.high)}]"
-    return f"{finding.difference.describe()}: {_signed(finding.estimate)}{interval}, {finding.source}"
+    source = finding.source.replace("images (bootstrap)", "paired bootstrap over images")
+    source = re.sub(r"^seeds \((\d+)\)$", r"over \1 training seeds", source)
+    return f"{first}: {statistic} {relation} {second}{interval} ({source}); the paper: {CLAIMED[difference.claimed]} → {finding.verdict}"
 
 
 def claims_table(judged) -> list[list[str]]:
-    rows = [["Claim (paper)", "Verdict", "Difference: ours, 95% interval, over what"]]
+    rows = [["Claim (paper)", "Verdict", "What we measured (95% interval, over what); the paper's direction; the verdict of each difference"]]
     for claim, verdict, findings in judged:
-        rows.append([claim.text, verdict, "; ".join(map(describe_finding, findings)) or "its rows were not run"])
+        mark, kind = MARKS[verdict]
+        rows.append([claim.text, Marked(f"{mark} {verdict}", kind), "\n".join(map(describe_finding, findings)) or "its rows were not run"])
     return rows
 
 
@@ -254,9 +292,10 @@ def run(args, config, scale, out) -> None:
     runs = load_runs(args.evaluation)
     metrics = {row: over_training_seeds([run.metrics for run in row_runs]) for row, row_runs in runs.items()}
     real_is = read_json(args.featnet / "summary.json")["real_is"]
-    tables = build_tables(metrics, paper, real_is)
+    links = run_links(args.evaluation)
+    tables = build_tables(metrics, paper, real_is, links)
     peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training},
-                        clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model)
+                        clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model, links=links)
     margins = config.report.equivalence_margins
     evidence = Evidence(runs, config.evaluate.bootstrap, margins.model_dump())
     judged = judge(evidence)
@@ -296,6 +335,7 @@ def run(args, config, scale, out) -> None:
     document = Document("Diffusion Model with Perceptual Loss: reproduction report", intro, sections)
     (out / "report.md").write_text(to_markdown(document))
     (out / "report.html").write_text(to_html(document, f"Report ({scale})"))
+    write_tables(document, out / "tables")
     verdicts = [
         {"claim": claim.key, "text": claim.text, "verdict": verdict, "findings": [
             {"difference": f.difference.describe(), "estimate": f.estimate, "low": f.low, "high": f.high, "source": f.source, "verdict": f.verdict}

@@ -23,10 +23,11 @@ from ...method.device import peak_memory_mib, runtime
 from ..distributed import launch_command
 from ..experiments import peer_tags
 from ..io import write_json
+from ..sheets import sheet
 from ...method import objectives
 from ...method.errors import SettingError
 from ...method.models import assemble_pipeline, load_stage_pipeline, save_trained
-from ...method.sampling import generate, grid
+from ...method.sampling import generate
 from ...method.schedule import Schedule
 from ..training import LatentData, Monitor, TrainingInterrupted, train
 
@@ -75,8 +76,8 @@ def check_data(data: LatentData, unet, folders: list[Path]) -> None:
 class StageMonitor(Monitor):
     """Live tracking and preview grids of the EMA model, from the training loop."""
 
-    def __init__(self, run: tracking.TrainingRun, pipeline, prompts: list[str], precision: str, folder: Path, objective: str):
-        self.run, self.pipeline, self.prompts, self.folder, self.objective = run, pipeline, prompts, folder, objective
+    def __init__(self, run: tracking.LiveRun, pipeline, prompts: list[str], precision: str, folder: Path, objective: str, name: str):
+        self.run, self.pipeline, self.prompts, self.folder, self.objective, self.name = run, pipeline, prompts, folder, objective, name
         self.device = runtime(precision)
         for module in (pipeline.vae, pipeline.text_encoder):  # fp32, run under autocast in the preview's precision
             module.to(self.device.device)
@@ -85,19 +86,20 @@ class StageMonitor(Monitor):
         self.run.log_points({key: [point] for key, point in points.items()})
 
     @torch.no_grad()
-    def render(self, ema, path: Path) -> Path:
-        """A grid of the EMA model's samples (25 DDIM steps, no CFG), the preview's seeds 0..7."""
+    def render(self, ema, path: Path, step: int) -> Path:
+        """A sheet of the EMA model's samples at ``step`` (25 DDIM steps, no CFG), the preview's seeds 0..7, captioned."""
         pipeline = assemble_pipeline(self.pipeline.vae, self.pipeline.text_encoder, self.pipeline.tokenizer, ema, self.pipeline.scheduler, self.objective)
         pipeline.set_progress_bar_config(disable=True)
         low_precision = self.device.dtype != torch.float32
         with torch.autocast(self.device.device.type, dtype=self.device.dtype, enabled=low_precision):
             images = generate(pipeline, self.prompts, list(range(len(self.prompts))), steps=25, cfg=None, rescale=None)
+        captions = [f"seed {seed}: {prompt or '(empty prompt)'}" for seed, prompt in enumerate(self.prompts)]
         path.parent.mkdir(parents=True, exist_ok=True)
-        grid([images]).save(path)
+        sheet(images, captions, f"{self.name}, step {step}: the EMA model's samples (25 DDIM steps, no CFG)").save(path)
         return path
 
     def preview(self, step: int, ema) -> None:
-        self.run.log_image(self.render(ema, self.folder / "previews" / f"preview_step{step:08d}.png"))
+        self.run.log_image("preview", self.render(ema, self.folder / "previews" / f"preview_step{step:08d}.png", step), step)
 
 
 def run(args, config, scale, out):
@@ -141,7 +143,7 @@ def run(args, config, scale, out):
 
     run_ = monitor = None
     if out is not None:
-        run_ = tracking.TrainingRun(
+        run_ = tracking.LiveRun(
             scale,
             stage=args.out.name,
             params={"objective": args.objective, "conditioning": args.conditioning, "steps_of": args.steps_of, "overrides": " ".join(args.overrides),
@@ -151,7 +153,7 @@ def run(args, config, scale, out):
             state_file=store.folder / "mlflow_run.json",
         )
         prompts = data.captions(PREVIEW_IMAGES) if args.conditioning == "text" else [""] * PREVIEW_IMAGES
-        monitor = StageMonitor(run_, init, prompts, config.sample.precision, store.folder, args.objective)
+        monitor = StageMonitor(run_, init, prompts, config.sample.precision, store.folder, args.objective, args.out.name)
 
     # Train.
     try:
@@ -170,7 +172,7 @@ def run(args, config, scale, out):
 
     # Write the results, then report them once they are in place.
     save_trained(args.init / "pipeline", result.ema, out / "pipeline", args.objective)
-    monitor.render(result.ema, out / "preview.png")
+    monitor.render(result.ema, out / "preview.png", settings_of.num_steps)
     history = result.history
     metrics = {"final_loss": history.final(), "seconds_per_step": result.seconds_per_step, "resumed_from_step": result.first_step,
                "num_steps": settings_of.num_steps, "peak_memory_mib": peak_memory_mib()}  # fmt: skip
@@ -180,7 +182,7 @@ def run(args, config, scale, out):
         write_json(out / "tracking.json", {"run_id": run_.run_id, "tracking_uri": tracking.tracking_uri()})
 
     def report() -> None:
-        run_.end("FINISHED", metrics=metrics, series=history.series, images=[args.out / "preview.png"])
+        run_.end("FINISHED", metrics=metrics, series=history.series, images={"preview": (args.out / "preview.png", settings_of.num_steps)})
         run_.raise_if_failed()
         store.finish({"run_id": run_.run_id, "out": str(args.out), "steps": settings_of.num_steps})
 
