@@ -71,3 +71,14 @@ def test_images_decoded_and_written_on_threads_are_the_ones_done_in_line(tmp_pat
 
     with pytest.raises(FileNotFoundError), background_writes() as write:
         write(images[0].save, tmp_path / "missing" / "00000.png")
+
+
+def test_metric_series_become_one_table_with_the_loss_first(tmp_path):
+    """A training's loss curves as DVC plots them: a step column, one column per series, a blank
+    where a series has no point at a step (a timestep bucket with no sample in its window)."""
+    from selfperceptual.pipeline.io import write_series_csv
+
+    series = {"loss_t0000_0499": [(5, 0.25, 1), (10, 0.5, 2)], "loss": [(5, 1.5, 1), (10, 0.75, 2)], "loss_t0500_0999": [(10, 2.0, 2)]}
+    write_series_csv(series, tmp_path / "loss.csv")
+    assert (tmp_path / "loss.csv").read_text().splitlines() == [
+        "step,loss,loss_t0000_0499,loss_t0500_0999", "5,1.5,0.25,", "10,0.75,0.5,2.0"]

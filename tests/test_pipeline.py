@@ -93,9 +93,10 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     again = run([sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=rehearsal"], copy)
     assert "Nothing to be done" in again.stdout + again.stderr
 
-    # Each job's console is in its log: the killed training's two attempts, each after its header.
+    # Each job's console is in its log: of the killed training, the attempt Snakemake ran again (it
+    # removes a failed job's log), which resumed.
     log = (runs_dir / "logs" / "train_mse.log").read_text()
-    assert log.count("\n=== ") + log.startswith("=== ") == 2 and "resuming from" in log.split("=== ")[-1], log[-3000:]
+    assert log.startswith("=== ") and "train --data" in log.splitlines()[0] and "resuming from" in log, log[-3000:]
     # Snakemake's own report holds the results as report items: the report, its tables, the figures, samples, previews.
     run([sys.executable, "-m", "snakemake", "--report", "snakemake-report.zip", "--config", "scale=rehearsal"], copy)
     with zipfile.ZipFile(copy / "snakemake-report.zip") as archive:  # items: <report>/data/raw/<id>/<file in the stage's folder>
@@ -137,5 +138,12 @@ def test_dvc_exp_run_runs_each_kind_of_smoke_stage(tmp_path):
         assert json.loads((copy / "runs" / "smoke" / name / "params.json").read_text())["scale"] == "smoke", name
     metrics = json.loads((copy / "runs" / "smoke" / "evaluate_sp_s25" / "metrics.json").read_text())
     assert metrics["fid_low"] <= metrics["fid"] <= metrics["fid_high"]
+    # DVC knows the results (dvc.yaml's metrics and plots): the evaluation's numbers, the loss curves it trained.
+    shown = json.loads(run([sys.executable, "-m", "dvc", "metrics", "show", "--json"], copy).stdout)
+    (files,) = [revision["data"] for revision in shown.values()]
+    assert files["runs/smoke/evaluate_sp_s25/metrics.json"]["data"]["fid"] == metrics["fid"]
+    plots = json.loads(run([sys.executable, "-m", "dvc", "plots", "show", "--json"], copy).stdout)["data"]
+    curves = {value["filename"] for value in plots["Training loss"][0]["content"]["data"]["values"]}
+    assert {name for name in curves if "train_mse/" in name or "train_sp/" in name} and len(curves) == 2, curves
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *DVC_TARGETS], copy).stdout)
     assert status == {}, status

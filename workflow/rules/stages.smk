@@ -13,7 +13,7 @@ for stage in STAGES:
         output:
             reported(stage, directory(at_scale(stage.out))),  # common.smk: what `snakemake --report` shows
         log:
-            at_scale(f"runs/{{scale}}/logs/{stage.name}.log"),  # the job's console, appended per attempt
+            at_scale(f"runs/{{scale}}/logs/{stage.name}.log"),  # the job's console (Snakemake removes a failed attempt's)
         benchmark:
             at_scale(f"runs/{{scale}}/benchmarks/{stage.name}.tsv")
         threads: CONFIG.resources.of(stage.command).cpus  # Snakemake sets OMP_NUM_THREADS from this

@@ -243,6 +243,7 @@ def dvc_yaml(stages: list[Stage]) -> dict:
     def dvc(text: str) -> str:
         return text.replace("{scale}", "${scale}")
 
+    of = lambda command: [stage for stage in stages if stage.command == command]  # noqa: E731
     return {
         "stages": {
             stage.name: {
@@ -252,7 +253,14 @@ def dvc_yaml(stages: list[Stage]) -> dict:
                 "outs": [dvc(stage.out)],
             }
             for stage in stages
-        }
+        },
+        # What `dvc metrics show`, `dvc exp show` and `dvc plots show` read (files inside the stages' outputs).
+        "metrics": [dvc(f"{stage.out}/metrics.json") for stage in of("evaluate")],
+        "plots": [
+            {"Training loss": {"template": "linear", "x": "step", "y": {dvc(f"{stage.out}/loss.csv"): "loss" for stage in of("train")}}},
+            {"FID per sampling row, with its 95% bootstrap interval": {
+                "template": "bar_horizontal", "x": "fid", "y": {dvc(f"{stage.out}/fid_by_row.csv"): "row" for stage in of("report")}}},
+        ],  # fmt: skip
     }
 
 

@@ -93,6 +93,19 @@ def write_json(path: str | Path, data) -> None:
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
+def write_series_csv(series: dict[str, list], path: str | Path) -> None:
+    """Metric series ({name: [(step, value, ...), ...]}) as one table: a ``step`` column, then one
+    column per series (``loss`` first), empty where a series has no point at that step."""
+    names = sorted(series, key=lambda name: (name != "loss", name))
+    by_step: dict[int, dict[str, float]] = {}
+    for name in names:
+        for point in series[name]:
+            by_step.setdefault(int(point[0]), {})[name] = point[1]
+    lines = [",".join(["step", *names])]
+    lines += [",".join([str(step), *(repr(float(row[name])) if name in row else "" for name in names)]) for step, row in sorted(by_step.items())]
+    atomic_write_text(path, "\n".join(lines) + "\n")
+
+
 def read_json(path: str | Path):
     return json.loads(Path(path).read_text())
 
@@ -125,7 +138,7 @@ class SavedArrays(Mapping):
 @contextlib.contextmanager
 def console_copied_to(path: str | Path | None):
     """Everything this process and its children write to stdout and stderr also goes to the file
-    ``path`` (appended, after a header line), and on to the stderr the process had: the job's log
+    ``path`` (appended, after a header line naming the command), and on to the stderr the process had: the job's log
     that Snakemake asks for, with the progress bars still on the console. The copy is made by a
     thread of this process, so a stage stopped by SIGTERM still logs to the end; nothing is copied
     without ``path``."""

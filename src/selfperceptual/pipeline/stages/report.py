@@ -3,6 +3,7 @@ layout-preservation figure and the loss curves."""
 
 from __future__ import annotations
 
+import csv
 import logging
 import re
 import shutil
@@ -167,6 +168,16 @@ def load_runs(evaluations: list[Path]) -> dict[str, list[RowRun]]:
         row, seed = unseeded(metrics["row"])
         found.setdefault(row, []).append((seed, RowRun(metrics, SavedArrays(folder / "features.safetensors"))))
     return {row: [run for _, run in sorted(runs, key=lambda pair: pair[0])] for row, runs in found.items()}
+
+
+def fid_by_row(metrics: dict[str, dict], path: Path) -> None:
+    """Each sampling row's FID (the mean over training seeds) and its first seed's bootstrap
+    interval, in row order: DVC's per-row FID plot."""
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["row", "fid", "fid_low", "fid_high"])
+        for row, found in metrics.items():
+            writer.writerow([row, found.get("fid", ""), found.get("fid_low", ""), found.get("fid_high", "")])
 
 
 def run_links(evaluations: list[Path]) -> dict[str, Links]:
@@ -336,6 +347,7 @@ def run(args, config, scale, out) -> None:
     (out / "report.md").write_text(to_markdown(document))
     (out / "report.html").write_text(to_html(document, f"Report ({scale})"))
     write_tables(document, out / "tables")
+    fid_by_row(metrics, out / "fid_by_row.csv")
     verdicts = [
         {"claim": claim.key, "text": claim.text, "verdict": verdict, "findings": [
             {"difference": f.difference.describe(), "estimate": f.estimate, "low": f.low, "high": f.high, "source": f.source, "verdict": f.verdict}

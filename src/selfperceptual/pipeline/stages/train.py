@@ -22,7 +22,7 @@ from ..config import TrainConfig, settings_affecting
 from ...method.device import peak_memory_mib, runtime
 from ..distributed import launch_command
 from ..experiments import peer_tags
-from ..io import write_json
+from ..io import write_json, write_series_csv
 from ..sheets import sheet
 from ...method import objectives
 from ...method.errors import SettingError
@@ -178,6 +178,7 @@ def run(args, config, scale, out):
                "num_steps": settings_of.num_steps, "peak_memory_mib": peak_memory_mib()}  # fmt: skip
     write_json(out / "metrics.json", metrics)
     write_json(out / "loss_curve.json", history.series)
+    write_series_csv(history.series, out / "loss.csv")  # the same points as a table: DVC's plots
     if run_.run_id:  # what the runs that evaluate this model link to
         write_json(out / "tracking.json", {"run_id": run_.run_id, "tracking_uri": tracking.tracking_uri()})
 
