@@ -5,6 +5,8 @@ import stat
 import subprocess
 import sys
 
+import pytest
+
 from selfperceptual.pipeline.io import HOST, atomic_dir, write_json
 
 
@@ -22,15 +24,25 @@ def test_stale_partials_of_killed_runs_are_removed_live_ones_kept(tmp_path):
     assert (tmp_path / "train_mse" / "weights").read_text() == "done"
 
 
-def test_outputs_follow_the_umask_so_a_group_can_read_them(tmp_path):
-    previous = os.umask(0o002)
+@pytest.mark.parametrize(("umask", "folder", "file"), [(0o002, 0o775, 0o664), (0o022, 0o755, 0o644)])
+def test_outputs_follow_the_umask_so_a_group_can_read_them(tmp_path, umask, folder, file):
+    """JSON and weights alike: safetensors writes its files 0600 whatever the umask."""
+    import torch
+    from safetensors.torch import save_file
+
+    previous = os.umask(umask)
     try:
         with atomic_dir(tmp_path / "stage") as out:
             write_json(out / "metrics.json", {"fid": 1.0})
+            (out / "pipeline" / "unet").mkdir(parents=True)
+            save_file({"weight": torch.zeros(2)}, out / "pipeline" / "unet" / "model.safetensors")
+            assert stat.S_IMODE((out / "pipeline" / "unet" / "model.safetensors").stat().st_mode) == 0o600  # what it wrote
     finally:
         os.umask(previous)
-    assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == 0o775
-    assert stat.S_IMODE((tmp_path / "stage" / "metrics.json").stat().st_mode) == 0o664
+    assert stat.S_IMODE((tmp_path / "stage").stat().st_mode) == folder
+    assert stat.S_IMODE((tmp_path / "stage" / "metrics.json").stat().st_mode) == file
+    assert stat.S_IMODE((tmp_path / "stage" / "pipeline" / "unet").stat().st_mode) == folder
+    assert stat.S_IMODE((tmp_path / "stage" / "pipeline" / "unet" / "model.safetensors").stat().st_mode) == file
 
 
 def test_a_checkpoint_cut_short_by_a_kill_is_removed_and_never_resumed(tmp_path):

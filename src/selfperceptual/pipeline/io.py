@@ -8,6 +8,7 @@ import logging
 import os
 import shutil
 import socket
+import stat
 import sys
 import tempfile
 import threading
@@ -52,6 +53,19 @@ def _umask() -> int:
     return mask
 
 
+def _follow_umask(folder: Path) -> None:
+    """Gives what ``folder`` holds the permissions the umask allows: safetensors (and so diffusers'
+    and our checkpoints' weights) writes its files 0600 whatever the umask, so a group sharing a
+    cluster folder could read the JSON beside the weights but not the weights."""
+    allowed = {True: 0o777 & ~_umask(), False: 0o666 & ~_umask()}
+    for root, folders, files in os.walk(folder):
+        for name, is_dir in [*((name, True) for name in folders), *((name, False) for name in files)]:
+            path = os.path.join(root, name)
+            mode = os.lstat(path).st_mode
+            if not stat.S_ISLNK(mode) and stat.S_IMODE(mode) | allowed[is_dir] != stat.S_IMODE(mode):
+                os.chmod(path, stat.S_IMODE(mode) | allowed[is_dir])
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path):
     """Yields a temporary sibling folder; on success it replaces ``final`` in one rename."""
@@ -61,6 +75,7 @@ def atomic_dir(final: str | Path):
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.{HOST}.{os.getpid()}.", suffix=".partial", dir=final.parent))
     try:
         yield tmp
+        _follow_umask(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
