@@ -158,9 +158,37 @@ def test_download_fails_when_its_shards_hold_nothing_it_reported_fetched(capsys,
     Image.new("RGB", (64, 64), (200, 30, 30)).save(image)
     (tmp_path / "filter").mkdir()
     pd.DataFrame([{**ROW, "URL": image.as_uri(), "TEXT": b"\xff\xfe bad"}]).to_parquet(tmp_path / "filter" / "kept.parquet")
-    code, first = stage(capsys, repo, "download", tmp_path / "download", "--filtered", tmp_path / "filter", "--corpus", tmp_path)
+    code, first = stage(capsys, repo, "download", tmp_path / "download", "--filtered", tmp_path / "filter", "--corpus", tmp_path,
+                        "--set", "download.url_schemes=[file]")
     assert code == 1 and first.startswith("download: the shards hold no sample")
     assert_nothing_written(tmp_path / "download")
+
+
+def test_metadata_from_outside_cannot_make_the_download_read_local_files(capsys, repo, tmp_path):
+    """A LAION parquet (not the synthetic corpus) with file:// URLs and bare paths beside web ones:
+    only http and https are fetched; the others are refused and counted, never read. When every row
+    is refused the stage says so and writes nothing; download.url_schemes allows others explicitly."""
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.new("RGB", (64, 64), (200, 30, 30)).save(images / "red.jpg")
+    (tmp_path / "filter").mkdir()
+    with serve(images) as url:
+        rows = [{**ROW, "URL": f"{url}/red.jpg", "TEXT": "web"}, {**ROW, "URL": (images / "red.jpg").as_uri(), "TEXT": "file"},
+                {**ROW, "URL": "images/red.jpg", "TEXT": "path"}, {**ROW, "URL": "FILE:///etc/passwd", "TEXT": "upper"}]
+        pd.DataFrame(rows).to_parquet(tmp_path / "filter" / "kept.parquet")
+        code, _ = stage(capsys, repo, "download", tmp_path / "download", "--filtered", tmp_path / "filter", "--corpus", tmp_path)
+    assert code == 0
+    stats = json.loads((tmp_path / "download" / "stats.json").read_text())
+    assert stats["refused"] == {"file": 2, "a local path": 1} and stats["count"] == 1
+    assert [caption for _, _, caption in iter_samples([tmp_path / "download"])] == ["web"]
+
+    pd.DataFrame(rows[1:]).to_parquet(tmp_path / "filter" / "kept.parquet")
+    code, first = stage(capsys, repo, "download", tmp_path / "refused", "--filtered", tmp_path / "filter", "--corpus", tmp_path)
+    assert code == 1 and first.startswith("download: every row of") and "{'file': 2, 'a local path': 1}" in first
+    assert_nothing_written(tmp_path / "refused")
+    code, _ = stage(capsys, repo, "download", tmp_path / "allowed", "--filtered", tmp_path / "filter", "--corpus", tmp_path,
+                    "--set", "download.url_schemes=[file]")
+    assert code == 0 and json.loads((tmp_path / "allowed" / "stats.json").read_text())["refused"] == {"a local path": 1}
 
 
 # Images and the network, fetched by one real download ------------------------------------------
@@ -210,6 +238,7 @@ def download_of_bad_inputs(repo, tmp_path_factory):
         rows = pd.DataFrame([{**ROW, "URL": url, "TEXT": f"case {name}"} for name, url in urls.items()])
         rows.to_parquet(tmp / "filter" / "kept.parquet", index=False)
         code = main(["download", "--params", str(repo / "params.yaml"), "--scale", "smoke", "--set", "download.timeout_s=2",
+                     "--set", "download.url_schemes=[file, http]",
                      "--filtered", str(tmp / "filter"), "--corpus", str(tmp), "--out", str(tmp / "download")])
     assert code == 0
     written = {caption.removeprefix("case "): image for _, image, caption in iter_samples([tmp / "download"])}

@@ -6,12 +6,14 @@ import pytest
 from selfperceptual.pipeline.data.corpus import COLORS, LAION_COLUMNS, SHAPES, build_synthetic
 from selfperceptual.pipeline.data.filtering import filter_rows
 from selfperceptual.pipeline.data.shards import iter_samples
+from selfperceptual.pipeline.io import write_json
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory, smoke_config):
     out = tmp_path_factory.mktemp("corpus")
     summary = build_synthetic(smoke_config.corpus.model_copy(update={"num_train_rows": 120}), 32, out)
+    write_json(out / "summary.json", summary)  # as the corpus stage does: the download reads its source
     return out, summary
 
 

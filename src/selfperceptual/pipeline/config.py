@@ -61,6 +61,9 @@ class DownloadConfig(Section):
     threads: int = Field(gt=0)
     shard_size: int = Field(gt=0)
     timeout_s: int = Field(gt=0)
+    # The URL schemes fetched; others are refused and counted. null: http and https where the metadata
+    # came from outside (corpus.source external), anything for the synthetic corpus's own images.
+    url_schemes: list[str] | None = None
 
 
 class TinyVaeConfig(Section):

@@ -47,7 +47,7 @@ with _without("torch"):
     img2dataset_main = importlib.import_module("img2dataset.main")  # the module; the package's "main" is a function
 
 from ..data.shards import count_samples
-from ..io import write_json
+from ..io import read_json, write_json
 from ..split import add_part_argument, block, checked_part
 
 log = logging.getLogger("download")
@@ -58,6 +58,29 @@ def add_arguments(parser) -> None:
     parser.add_argument("--filtered", type=Path, required=True, help="the filter stage's folder")
     parser.add_argument("--corpus", type=Path, required=True, help="the corpus stage's folder (base of relative URLs)")
     add_part_argument(parser, "the kept rows")
+
+
+WEB = ("http", "https")
+LOCAL_PATH = "a local path"  # how a URL without a scheme is counted when refused
+
+
+def allowed_schemes(settings, corpus: Path) -> tuple[str, ...] | None:
+    """``download.url_schemes``; by default the web's for metadata from outside, so a LAION parquet
+    cannot make the download read local files (``file://`` URLs, or paths), and any for the
+    synthetic corpus, whose rows name its own images by path. None: every URL is fetched."""
+    if settings.url_schemes is not None:
+        return tuple(scheme.lower() for scheme in settings.url_schemes)
+    made = corpus / "summary.json"  # the corpus stage's record of where its rows came from
+    synthetic = made.is_file() and read_json(made).get("source") == "synthetic"
+    return None if synthetic else WEB
+
+
+def refused_urls(urls: pd.Series, allowed: tuple[str, ...] | None) -> pd.Series:
+    """Per URL: the scheme it was refused for (``a local path`` where it has none), or "" if fetched."""
+    if allowed is None:
+        return pd.Series("", index=urls.index)
+    schemes = urls.str.extract(r"^([A-Za-z][A-Za-z0-9+.-]*)://", expand=False).str.lower().fillna(LOCAL_PATH)
+    return schemes.where(~schemes.isin(allowed), "")
 
 
 def resolve_urls(urls: pd.Series, base: Path) -> pd.Series:
@@ -148,6 +171,17 @@ def run(args, config, scale, out) -> None:
     rows = rows.iloc[block(len(rows), index, count)].copy()
     if rows.empty:
         raise SystemExit(f"download: part {index}/{count} of {args.filtered / 'kept.parquet'} has no rows; lower download.num_jobs")
+    refused = refused_urls(rows["URL"], allowed_schemes(settings, args.corpus))
+    refusals = {scheme: int(count) for scheme, count in refused[refused != ""].value_counts().items()}
+    if refusals:
+        log.warning("download %d/%d: %d of %d rows refused for their URL scheme (%s); download.url_schemes allows %s",
+                    index, count, sum(refusals.values()), len(rows), refusals, settings.url_schemes or list(WEB))
+    if len(rows) == sum(refusals.values()):
+        raise SystemExit(f"download: every row of {args.filtered / 'kept.parquet'} (part {index}/{count}) was refused for its URL "
+                         f"scheme {refusals}; the metadata came from outside, so only {', '.join(WEB)} are fetched "
+                         "(set download.url_schemes to allow others)")  # fmt: skip
+    first_row = int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1
+    rows = rows[refused == ""].copy()
     rows["URL"] = resolve_urls(rows["URL"], args.corpus)
     url_list = out / "urls.parquet"
     rows.to_parquet(url_list, index=False)
@@ -176,7 +210,8 @@ def run(args, config, scale, out) -> None:
     # what later stages get, so that is what counts.
     stats["written"] = count_samples([out])
     stats["fetched_not_written"] = stats["successes"] - stats["written"]
-    write_json(out / "stats.json", {"part": [index, count], "rows": [int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1], **stats})
+    stats["refused"] = refusals  # rows never fetched: scheme -> count (not in count, successes or failures)
+    write_json(out / "stats.json", {"part": [index, count], "rows": list(first_row), **stats})
     log.info("download %d/%d: %d of %d written; failures: %s", index, count, stats["written"], stats["count"], stats["errors"])
     if stats["fetched_not_written"]:
         log.warning("download: %d samples were fetched but not written to the shards", stats["fetched_not_written"])
