@@ -301,16 +301,12 @@ def log_run(
     series: dict[str, list[tuple[int, float]]] | None = None,
     images: list[Path] = (),
     artifacts: list[Path] = (),
-    keyed_images: dict[str, Path] | None = None,
 ) -> str:
-    """Creates one finished run: params, tags, final metrics, metric series, image files (figures)
-    and MLflow images (``keyed_images``: key -> file, at step 0)."""
+    """Creates one finished run: params, tags, final metrics, metric series and image files (figures)."""
     try:
         client = _client()
         run_id = _create_run(client, scale, stage, tags)
         _log_batches(client, run_id, _metrics(metrics, series), params)
-        for key, path in (keyed_images or {}).items():
-            _log_image(client, run_id, key, path, 0)
         for path in images:
             _retry(client.log_artifact, run_id, str(path), "images")
         for path in artifacts:

@@ -180,7 +180,7 @@ def run(args, config, scale, out) -> None:
         raise SystemExit(f"download: every row of {args.filtered / 'kept.parquet'} (part {index}/{count}) was refused for its URL "
                          f"scheme {refusals}; the metadata came from outside, so only {', '.join(WEB)} are fetched "
                          "(set download.url_schemes to allow others)")  # fmt: skip
-    first_row = int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1
+    span = [int(rows["ROW"].iloc[0]), int(rows["ROW"].iloc[-1]) + 1]  # this part's rows, refused ones included
     rows = rows[refused == ""].copy()
     rows["URL"] = resolve_urls(rows["URL"], args.corpus)
     url_list = out / "urls.parquet"
@@ -211,7 +211,7 @@ def run(args, config, scale, out) -> None:
     stats["written"] = count_samples([out])
     stats["fetched_not_written"] = stats["successes"] - stats["written"]
     stats["refused"] = refusals  # rows never fetched: scheme -> count (not in count, successes or failures)
-    write_json(out / "stats.json", {"part": [index, count], "rows": list(first_row), **stats})
+    write_json(out / "stats.json", {"part": [index, count], "rows": span, **stats})
     log.info("download %d/%d: %d of %d written; failures: %s", index, count, stats["written"], stats["count"], stats["errors"])
     if stats["fetched_not_written"]:
         log.warning("download: %d samples were fetched but not written to the shards", stats["fetched_not_written"])
