@@ -168,6 +168,30 @@ def test_lpl_is_the_mse_loss_at_high_noise_and_adds_a_term_below_its_threshold(t
     assert lpl.perceptual(latents, latents).abs().max().item() == 0.0  # x0_hat = x0: no perceptual term
 
 
+@pytest.mark.parametrize("t", [[999, 600, 400, 20], [999, 150, 600, 20], [10, 150, 199, 200]], ids=["1-of-4", "2-of-4", "3-of-4"])
+def test_lpl_weight_is_the_references_weight_on_the_mean_over_the_samples_below_the_threshold(tiny_unet, tiny_vae, latents, context, t):
+    """The diffusers research project's loss is ``mse.mean() + lpl_weight * lpl[t < 200].mean()``:
+    the batch mean of our per-sample loss must be that, whatever share of the batch is below the
+    threshold (t = 200 itself is not below it)."""
+    from selfperceptual.method.losses import LatentPerceptualLoss
+
+    schedule, eps, t = Schedule.zero_snr(), torch.randn_like(latents), torch.tensor(t)
+    weight = 0.7
+    ours, _ = LatentPerceptualLoss(schedule, tiny_vae, weight=weight, t_threshold=200)(Denoiser(tiny_unet), latents, context, eps=eps, t=t)
+    with torch.no_grad():
+        x_t = schedule.add_noise(latents, eps, t)
+        v_hat = Denoiser(tiny_unet)(x_t, t, context)
+        v = schedule.v_target(latents, eps, t)
+        mse = ((v_hat.float() - v.float()) ** 2).mean((1, 2, 3))
+        below = t < 200
+        x0_hat = schedule.x0_from_v(x_t, v_hat, t)[below]
+        lpl = LatentPerceptualLoss(schedule, tiny_vae).perceptual(x0_hat, latents[below])
+    assert lpl.min() > 1e-6  # the term is there to weigh
+    assert torch.allclose(ours.mean(), mse.mean() + weight * lpl.mean(), rtol=1e-6, atol=0)
+    term = ours.mean() - mse.mean()  # not the term averaged over the whole batch
+    assert torch.allclose(term, weight * lpl.mean(), rtol=1e-3) and not torch.allclose(term, weight * lpl.sum() / len(t), rtol=0.1)
+
+
 def test_lpl_features_lie_on_the_decoders_own_path(tiny_vae, latents):
     from selfperceptual.method.losses import LatentPerceptualLoss
 

@@ -181,7 +181,8 @@ def _outlier_mask(features: torch.Tensor, down: int, quantile: float = 0.02) -> 
 class LatentPerceptualLoss(MSELoss):
     """LPL (Berrada et al. 2025, "Boosting Latent Diffusion with Perceptual Objectives"): Eq. 4's
     v error plus ``weight`` times a distance between the frozen VAE decoder's features of x0_hat and
-    of x0, for the samples with t < ``t_threshold`` (high SNR, where x0_hat is sharp enough).
+    of x0, averaged over the samples with t < ``t_threshold`` (high SNR, where x0_hat is sharp
+    enough), as the reference's ``loss + lpl_weight * lpl[t < threshold].mean()`` does.
 
     Features: the decoder's mid block and its first ``num_blocks`` up blocks, on the path
     ``vae.decode`` takes (post_quant_conv, then the decoder). Per feature map: outliers of the target
@@ -235,12 +236,17 @@ class LatentPerceptualLoss(MSELoss):
         return total / (self.num_blocks + 1)
 
     def __call__(self, denoiser, x0, context, **randomness):
+        """Per sample, so that the batch mean is the reference's ``v_error.mean() + weight *
+        lpl[t < t_threshold].mean()``: each below-threshold sample's term is scaled by the batch
+        size over the number below the threshold. The batch is the micro-batch the trainer passes
+        (the reference's per-device batch); with none below the threshold there is no term."""
         per_sample, x_t, v_hat, t = self.v_error(denoiser, x0, context, **randomness)
         low_noise = t < self.t_threshold
-        if low_noise.any():
+        below = int(low_noise.sum())
+        if below:
             x0_hat = self.schedule.x0_from_v(x_t[low_noise], v_hat[low_noise], t[low_noise])
             extra = torch.zeros_like(per_sample)
-            extra[low_noise] = self.perceptual(x0_hat, x0[low_noise])
+            extra[low_noise] = self.perceptual(x0_hat, x0[low_noise]) * (len(t) / below)
             per_sample = per_sample + self.weight * extra
         return per_sample, {"t": t}
 

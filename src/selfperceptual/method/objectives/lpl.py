@@ -22,7 +22,8 @@ class LatentPerceptualSettings(ObjectiveSettings):
 @register
 class LatentPerceptual(Objective):
     name, label = "lpl", "LPL"
-    summary = "the MSE loss plus the VAE decoder's feature distance at low noise (Berrada et al. 2025)."
+    summary = ("the MSE loss plus weight times the VAE decoder's feature distance, averaged over the samples below t_threshold "
+               "(Berrada et al. 2025; weighted as diffusers' research project weighs it).")
     settings = LatentPerceptualSettings
 
     def loss(self, settings, schedule, pipeline, inputs):

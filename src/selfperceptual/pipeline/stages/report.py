@@ -111,12 +111,13 @@ def build_tables(metrics: dict[str, dict], paper: dict, real_is: float, links: d
 def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_alignment: bool = False, links: dict[str, Links] | None = None) -> list[list[str]]:
     """SP beside the other perceptual objectives, one row per peer (experiments.PEERS): the same
     sampling row settings, the evaluation of Table 1, and the cost its training stage measured."""
-    rows = [["Objective", "Fine-tuned from", "Steps", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment", "CLIP score",
+    rows = [["Objective", "Fine-tuned from", "Steps", "Settings", "FID", "FID 95%, images", "IS", "Precision", "Recall", "Alignment", "CLIP score",
              "s/step (this run)", "Peak memory MiB (this run)", *(["MLflow"] if links else [])]]  # fmt: skip
     for peer in PEERS:
         ours, cost = metrics.get(peer.row, {}), training.get(peer.training, {})
         rows.append([
-            peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
+            peer.label, TRAIN_RUNS[peer.training].init, _cell(cost.get("num_steps")), settings_cell(cost.get("settings")),
+            _fmt(ours.get("fid"), 2, ours.get("fid_spread")),
             _fid_interval(ours), _fmt(ours.get("is"), 2, ours.get("is_spread")),
             *(_fmt(ours.get(key), 3, ours.get(f"{key}_spread")) for key in ("precision", "recall", "alignment")),
             _fmt(ours.get("clip_score", ours.get("alignment") if clip_is_alignment else None), 2),
@@ -124,6 +125,27 @@ def peers_table(metrics: dict[str, dict], training: dict[str, dict], clip_is_ali
             *([links.get(peer.row, "—")] if links else []),
         ])  # fmt: skip
     return rows
+
+
+def training_record(folder: Path) -> dict:
+    """What a training stage measured (metrics.json) and the settings it trained with (settings.json;
+    a folder made before it was written has none)."""
+    settings = folder / "settings.json"
+    return {**read_json(folder / "metrics.json"), "settings": read_json(settings) if settings.is_file() else None}
+
+
+def settings_cell(settings: dict | None) -> str:
+    """A training stage's objective settings as it recorded them (its settings.json): the
+    learning rate and condition dropout, then the objective's own, each as ``name value``."""
+    if not settings:
+        return "—"
+    common = set(objectives.ObjectiveSettings.model_fields)
+    words = [f"lr {settings['learning_rate']:g}", f"dropout {settings['condition_dropout']:g}"]
+    for key, value in settings.items():
+        if key not in common and value is not None:  # null: the setting's default behaviour (params.yaml says which)
+            shown = "on" if value is True else "off" if value is False else f"{value:g}" if isinstance(value, float) else value
+            words.append(f"{key} {shown}")
+    return ", ".join(words)
 
 
 def peers_note() -> str:
@@ -134,7 +156,8 @@ def peers_note() -> str:
         "Every peer is trained on the same data with the same batch, and sampled like Table 1's rows (DDIM, 25 steps, no "
         "guidance, the same seeds and captions). MSE (the starting model) is Table 1's MSE model; the others are fine-tuned "
         "from it for as many steps at the same learning rate as SP, MSE continued with the MSE loss alone, the control for the "
-        f"extra steps. {described} s/step and peak memory are what each training job measured here (jobs ran side by side; "
+        f"extra steps. {described} Settings: what each training stage recorded (its settings.json; a null setting, which "
+        "keeps its default behaviour, is left out). s/step and peak memory are what each training job measured here (jobs ran side by side; "
         "CPU: the process's peak RSS); benchmarks/sp_step.py compares them in one controlled run."
     )
 
@@ -305,7 +328,7 @@ def run(args, config, scale, out) -> None:
     real_is = read_json(args.featnet / "summary.json")["real_is"]
     links = run_links(args.evaluation)
     tables = build_tables(metrics, paper, real_is, links)
-    peers = peers_table(metrics, {folder.name: read_json(folder / "metrics.json") for folder in args.training},
+    peers = peers_table(metrics, {folder.name: training_record(folder) for folder in args.training},
                         clip_is_alignment=bool(config.evaluate.clip) and config.evaluate.clip == config.clip.model, links=links)
     margins = config.report.equivalence_margins
     evidence = Evidence(runs, config.evaluate.bootstrap, margins.model_dump())
