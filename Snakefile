@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from selfperceptual.pipeline import tracking, warm
+from selfperceptual.pipeline import pulled, tracking, warm
 from selfperceptual.pipeline.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
 from selfperceptual.pipeline.config import ParamsError, load_params
 from selfperceptual.pipeline.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
@@ -53,6 +53,16 @@ if DVC_SCALE == SCALE and not DVC_CURRENT:
 
 
 include: "workflow/rules/common.smk"
+
+
+# After `dvc pull` or `dvc checkout`, outputs carry the times DVC wrote them at: those DVC finds
+# unchanged are put back in the DAG's order, so Snakemake, which goes by times, agrees with DVC,
+# which goes by content (src/selfperceptual/pipeline/pulled.py).
+if DVC_SCALE == SCALE and DVC_CURRENT and os.path.isdir(".dvc") and workflow.is_main_process:
+    RESTAMPED = pulled.restamp({stage.name: (at_scale(stage.out), tuple(map(at_scale, stage.deps))) for stage in STAGES})
+    if RESTAMPED:
+        print(f"{len(RESTAMPED)} outputs written by DVC (dvc pull or checkout), which dvc status finds unchanged, "
+              "were put back in the order of the DAG.")
 
 
 rule all:  # the default target: the first rule of this file (rules of included files never are)

@@ -43,6 +43,7 @@ FIRST = (
     "test_snakemake_runs_the_rehearsal_scale",  # worker 1, the longest: nothing else long is queued behind it
     "test_smoke_scale_runs_through_the_slurm_profile",  # worker 2, with the rest of test_slurm.py
     "test_dvc_exp_run_runs_each_kind_of_smoke_stage",  # worker 3
+    "test_dvc_push_then_pull_into_a_fresh_clone",  # worker 3, after it
     "test_sigterm_then_sigkill_then_resume",  # worker 1, after the rehearsal
 )
 

@@ -294,5 +294,5 @@ def test_snakemake_lint_leaves_only_the_per_rule_environment(repo):
     linted = subprocess.run([sys.executable, "-m", "snakemake", "--lint", "--config", "scale=smoke"], cwd=repo, capture_output=True, text=True)
     said = {line.strip().rstrip(":.") for line in (linted.stdout + linted.stderr).splitlines() if line.strip().startswith("* ")}
     assert said == {"* Specify a conda environment or container for each rule"}, said
-    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "runs/smoke/corpus", "--config", "scale=smoke"], cwd=repo, capture_output=True, text=True, check=True)
+    dry = subprocess.run([sys.executable, "-m", "snakemake", "-n", "-p", "--forcerun", "corpus", "runs/smoke/corpus", "--config", "scale=smoke"], cwd=repo, capture_output=True, text=True, check=True)
     assert "--log runs/smoke/logs/corpus.log" in dry.stdout

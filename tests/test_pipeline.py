@@ -13,7 +13,7 @@ import psutil
 import pytest
 import yaml
 from run_checks import check_outputs_and_runs, execution_runs, finished_runs
-from workspace import copy_repository, environment, run, serve
+from workspace import commit, copy_repository, environment, run, serve
 
 from selfperceptual.pipeline.config import load_params
 from selfperceptual.pipeline.dag import build_stages
@@ -147,3 +147,41 @@ def test_dvc_exp_run_runs_each_kind_of_smoke_stage(tmp_path):
     assert {name for name in curves if "train_mse/" in name or "train_sp/" in name} and len(curves) == 2, curves
     status = json.loads(run([sys.executable, "-m", "dvc", "status", "--json", "--with-deps", *DVC_TARGETS], copy).stdout)
     assert status == {}, status
+
+
+def test_dvc_push_then_pull_into_a_fresh_clone_leaves_nothing_to_do(tmp_path):
+    """The smoke scale run with Snakemake and recorded with DVC, pushed to the default remote (a
+    folder beside the working copy), pulled into a fresh clone: the clone has every result, and
+    neither DVC nor Snakemake finds anything to do; a change DVC sees is still run again."""
+    origin = copy_repository(tmp_path / "origin", scale="smoke")
+    run([sys.executable, "-m", "selfperceptual.pipeline.dag", "--write", "dvc.yaml"], origin)
+    run([sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=smoke"], origin, timeout=3600)  # beside the other tests
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], origin).stdout) == {}
+    run([sys.executable, "-m", "dvc", "push"], origin)
+    store = tmp_path / "selfperceptual-dvc-store"  # .dvc/config's remote: ../../selfperceptual-dvc-store from .dvc
+    assert (store / "files" / "md5").is_dir()
+    commit(origin, "the smoke scale, run")  # dvc.lock and dvc.yaml, as a user commits them
+
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(origin), str(clone)], check=True)
+    assert not (clone / "runs").exists()
+    run([sys.executable, "-m", "dvc", "pull"], clone)
+    for name in ("evaluate_sp_s25/metrics.json", "report/results.json", "train_lpl/pipeline/unet/diffusion_pytorch_model.safetensors"):
+        assert (clone / "runs" / "smoke" / name).read_bytes() == (origin / "runs" / "smoke" / name).read_bytes(), name
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], clone).stdout) == {}
+    repro = run([sys.executable, "-m", "dvc", "repro"], clone)
+    assert "Running stage" not in repro.stdout + repro.stderr, repro.stdout[-3000:]
+    snakemake = [sys.executable, "-m", "snakemake", "--cores", "all", "--config", "scale=smoke"]
+    again = run(snakemake, clone)
+    assert "Nothing to be done" in again.stdout + again.stderr, (again.stdout + again.stderr)[-3000:]
+    assert json.loads(run([sys.executable, "-m", "dvc", "status", "--json"], clone).stdout) == {}
+
+    # A result changed by hand, which DVC sees and Snakemake's times do not: Snakemake runs its
+    # stage and what follows it, not the stages before it.
+    with open(clone / "runs" / "smoke" / "filter" / "stats.json", "a") as handle:
+        handle.write(" ")
+    (clone / "runs" / "smoke" / "corpus" / ".snakemake_timestamp").touch()  # out of order, as after a pull
+    planned = run([*snakemake, "--dry-run", "--quiet", "rules"], clone).stdout
+    table = planned[planned.index("Job stats:") :].split("\ntotal")[0].splitlines()[3:]  # title, header, rule
+    jobs = {line.split()[0] for line in table if line.strip()}
+    assert {"filter", "download", "report"} <= jobs and not {"corpus", "featnet"} & jobs, planned

@@ -29,11 +29,15 @@ def copy_repository(destination: Path, scale: str | None = None) -> Path:
     if scale:
         params = destination / "params.yaml"
         params.write_text(params.read_text().replace("\nscale: local\n", f"\nscale: {scale}\n"))
-    git = ["git", "-c", "user.name=test", "-c", "user.email=test@example.com"]
     subprocess.run(["git", "init", "-q"], cwd=destination, check=True)
-    subprocess.run(["git", "add", "-A"], cwd=destination, check=True)
-    subprocess.run([*git, "commit", "-qm", "copy"], cwd=destination, check=True)
+    commit(destination, "copy")
     return destination
+
+
+def commit(copy: Path, message: str) -> None:
+    """Commits everything git does not ignore in ``copy``."""
+    subprocess.run(["git", "add", "-A"], cwd=copy, check=True)
+    subprocess.run(["git", "-c", "user.name=test", "-c", "user.email=test@example.com", "commit", "-qm", message], cwd=copy, check=True)
 
 
 def environment() -> dict[str, str]:
