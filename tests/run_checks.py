@@ -68,6 +68,10 @@ def check_outputs_and_runs(copy, scale):
     # The peers' table and the data section: Cas-DM's folder loads as a CasDMPipeline.
     assert "## Peers: SP beside LPL and Cas-DM" in report and "## Data: the aesthetic filter, measured again" in report
     assert [row[0] for row in results["peers"][1:]] == [peer.label for peer in PEERS]
+    settings = {row[0]: row[results["peers"][0].index("Settings")] for row in results["peers"][1:]}
+    lpl = config.train.objective("lpl")  # each peer's settings as its training stage recorded them
+    assert f"t_threshold {lpl.t_threshold}, weight {lpl.weight:g}" in settings["LPL"] and "metric_weighting" in settings["Cas-DM"]
+    assert settings["MSE, continued"].startswith(f"lr {config.train.objective('sp').learning_rate:g},")  # SP's rate, the control's point
     index = json.loads((runs_dir / "train_casdm" / "pipeline" / "model_index.json").read_text())
     assert index["_class_name"] == "CasDMPipeline" and (runs_dir / "train_casdm" / "pipeline" / "x0_unet").is_dir()
     data = json.loads((runs_dir / "aesthetic" / "stats.json").read_text())
@@ -87,6 +91,13 @@ def check_outputs_and_runs(copy, scale):
     row = evaluations.loc["mse_cfg75_r07_s25"]
     (trained,) = runs[runs["tags.stage"] == "train_mse"]["run_id"]
     assert row["tags.model_run_id"] == trained  # an evaluation names the run that trained its model
+    # MLflow's own lineage: the model train_mse made is that run's output, the evaluation's input, and holds its metrics.
+    client = mlflow.MlflowClient(f"sqlite:///{copy / 'mlflow.db'}")
+    (model,) = client.search_logged_models([row["experiment_id"]], filter_string="name = 'train_mse'")
+    assert model.source_run_id == trained and [o.model_id for o in client.get_run(trained).outputs.model_outputs] == [model.model_id]
+    assert model.model_id in [i.model_id for i in client.get_run(row["run_id"]).inputs.model_inputs]
+    fids = {metric.run_id: metric.value for metric in model.metrics if metric.key == "fid"}
+    assert fids[row["run_id"]] == row["metrics.fid"] and len(fids) == sum(evaluations["tags.model_run_id"] == trained)
     assert (row["tags.cfg"], row["tags.rescale"], row["tags.steps"], row["tags.objective"]) == ("7.5", "0.7", "25", "mse")
     assert evaluations.loc["uncond_sp_s25", "tags.conditioning"] == "uncond"
     assert evaluations.loc["sp_s25", "tags.tables"].split() == [f"table{n}" for n in range(1, 8)] + ["peers"]

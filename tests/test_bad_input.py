@@ -284,6 +284,93 @@ def test_a_truncated_latent_shard_stops_training_before_the_first_step(capsys, r
     assert not list((tmp_path / "checkpoints").glob("*/run-*/step-*"))
 
 
+# Training that diverges, and models and latents that are not finite --------------------------
+
+
+def _train(capsys, repo, smoke_stages, tmp_path, data, *overrides):
+    return stage(capsys, repo, "train", tmp_path / "out", "--data", data, "--init", smoke_stages / "base", "--objective", "mse",
+                 "--conditioning", "text", "--checkpoints", tmp_path / "checkpoints", *(f"--set={o}" for o in overrides))
+
+
+def _checkpoints(tmp_path):
+    return sorted((tmp_path / "checkpoints").glob("*/run-*/step-*"))
+
+
+def test_training_that_diverges_stops_naming_the_step_and_the_learning_rate_and_keeps_its_last_good_checkpoint(capsys, repo, smoke_stages, tmp_path):
+    from safetensors.torch import load_file
+
+    code, first = _train(capsys, repo, smoke_stages, tmp_path, smoke_stages / "encode", "train.mse.learning_rate=1.0e+3", "train.checkpoint_every_steps=1")
+    assert code == 1 and first.startswith("train: the loss at step ") and "is not finite (NaN or inf); nothing of it was saved" in first, first
+    assert "train.mse.learning_rate = 1000" in first
+    step = int(first.removeprefix("train: the loss at step ").split()[0])
+    assert step > 1 and _checkpoints(tmp_path), "no good checkpoint was made before it"  # the first step is still finite
+    kept = _checkpoints(tmp_path)
+    assert f"the last good checkpoint, {kept[-1]}, is kept" in first and int(kept[-1].name.removeprefix("step-")) < step
+    for checkpoint in kept:  # nothing non-finite was saved
+        assert all(tensor.isfinite().all() for tensor in load_file(checkpoint / "model.safetensors").values()), checkpoint
+    assert_nothing_written(tmp_path / "out")
+    # Run again (Snakemake's retries do) with the same settings: refused at once, saying why and how to go on.
+    code, again = _train(capsys, repo, smoke_stages, tmp_path, smoke_stages / "encode", "train.mse.learning_rate=1.0e+3", "train.checkpoint_every_steps=1")
+    assert code == 1 and again.startswith(first) and "found by an earlier attempt" in again and _checkpoints(tmp_path) == kept
+
+
+def test_latents_that_are_not_finite_stop_training_at_its_first_step_naming_the_data(capsys, repo, smoke_stages, tmp_path):
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    data = tmp_path / "encode"
+    shutil.copytree(smoke_stages / "encode", data)
+    for shard in (data / "shards").glob("*.safetensors"):
+        tensors = load_file(shard)
+        tensors["mean"] = torch.full_like(tensors["mean"], float("nan"))
+        save_file(tensors, shard)
+    code, first = _train(capsys, repo, smoke_stages, tmp_path, data)
+    assert code == 1 and first.startswith("train: the loss at step 1 is not finite"), first
+    assert f"that step's batch is not finite itself: the latents in --data {data} hold NaN or inf" in first
+    assert "no checkpoint was made before it" in first and not _checkpoints(tmp_path)
+    assert_nothing_written(tmp_path / "out")
+
+
+def _poisoned_model(smoke_stages, tmp_path, component, change):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    model = tmp_path / "model"
+    shutil.copytree(smoke_stages / "base", model)
+    (weights,) = (model / "pipeline" / component).glob("*.safetensors")
+    tensors = load_file(weights)
+    change(tensors)
+    save_file(tensors, weights)
+    return model
+
+
+def test_a_model_with_weights_that_are_not_finite_is_refused_before_sampling(capsys, repo, smoke_stages, tmp_path):
+    def nan(tensors):
+        name = next(iter(tensors))
+        tensors[name][..., 0] = float("nan")
+
+    model = _poisoned_model(smoke_stages, tmp_path, "unet", nan)
+    code, first = stage(capsys, repo, "sample", tmp_path / "sample", "--model", model, "--corpus", smoke_stages / "corpus", "--row", "mse_s50")
+    assert code == 1 and first == (f"--model {model}: the weights of unet in {model / 'pipeline'} are not finite (NaN or inf): "
+                                   "was its training diverging?")  # fmt: skip
+    assert_nothing_written(tmp_path / "sample")
+
+
+def test_latents_that_overflow_are_refused_by_encode_naming_an_image(capsys, repo, smoke_stages, tmp_path):
+    def overflow(tensors):  # finite weights whose latents are not: the encoder's last convolution scaled past float32's range
+        for name in ("quant_conv.weight", "quant_conv.bias"):
+            tensors[name] *= 1e38
+
+    model = _poisoned_model(smoke_stages, tmp_path, "vae", overflow)
+    code, first = stage(capsys, repo, "encode", tmp_path / "encode", "--images", smoke_stages / "download", "--base", model)
+    assert code == 1 and first.startswith("encode: the latents or text embeddings of ") and "are not finite (NaN or inf), e.g. '" in first, first
+    assert "nothing was written" in first
+    assert_nothing_written(tmp_path / "encode")
+
+
 BROKEN_MODELS = {  # case -> (stage, its arguments with the broken folder as {model}, what breaks it)
     "sample, no unet": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline/unet", None),
     "sample, not a model folder": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline", None),

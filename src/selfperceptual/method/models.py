@@ -172,10 +172,14 @@ def load_stage_pipeline(input: str, stage_folder: Path, runtime: Runtime | None 
     if not (folder / "model_index.json").is_file():
         raise InputError(input, "no pipeline/model_index.json; is this a base or train stage's folder?", stage_folder)
     try:
-        return load_pipeline(folder, runtime)
+        pipeline = load_pipeline(folder, runtime)
     except Exception as error:
         reason = " ".join(str(error).split())
         raise InputError(input, f"cannot load the pipeline in {folder}: {reason}", stage_folder) from error
+    for name, component in pipeline.components.items():  # a dead model (a diverged training) would give black images and an FID
+        if isinstance(component, torch.nn.Module) and not all(bool(p.isfinite().all()) for p in component.parameters()):
+            raise InputError(input, f"the weights of {name} in {folder} are not finite (NaN or inf): was its training diverging?", stage_folder)
+    return pipeline
 
 
 def load_unet(pipeline_dir: str | Path) -> UNet2DConditionModel:

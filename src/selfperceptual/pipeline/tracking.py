@@ -196,12 +196,13 @@ def _flatten(data: dict, prefix: str = "") -> dict[str, str]:
     return flat
 
 
-def _metrics(values: dict[str, float] | None = None, series: dict[str, list] | None = None):
-    """MLflow metrics: final values (step 0, now) and series of (step, value[, unix ms]) points."""
+def _metrics(values: dict[str, float] | None = None, series: dict[str, list] | None = None, model_id: str | None = None):
+    """MLflow metrics: final values (step 0, now; also the logged model ``model_id``'s) and series of
+    (step, value[, unix ms]) points."""
     from mlflow.entities import Metric
 
     now = int(time.time() * 1000)
-    entries = [Metric(key, float(value), now, 0) for key, value in (values or {}).items()]
+    entries = [Metric(key, float(value), now, 0, model_id=model_id) for key, value in (values or {}).items()]
     for key, points in (series or {}).items():
         entries.extend(Metric(key, float(point[1]), int(point[2]) if len(point) > 2 else now, int(point[0])) for point in points)
     return entries
@@ -325,10 +326,12 @@ class LiveRun:
     failure of the store is remembered and later calls are skipped: the stage goes on, and
     ``raise_if_failed`` reports it once the outputs are safe."""
 
-    def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path | None = None, system_metrics: bool = True):
+    def __init__(self, scale: str, stage: str, params: dict, tags: dict, state_file: Path | None = None, system_metrics: bool = True,
+                 model_id: str | None = None):  # fmt: skip
         self.error: Exception | None = None
-        self.scale = scale
+        self.scale, self.stage = scale, stage
         self.run_id: str | None = None
+        self.model_id: str | None = None  # the logged model this run evaluates: its input, and its metrics are the model's
         self.experiment_id: str | None = None
         self._client = self._system = None
         saved = read_json(state_file) if state_file is not None and state_file.is_file() else {}
@@ -348,6 +351,39 @@ class LiveRun:
                 self._watch_system(resumed)
         except Exception as error:  # noqa: BLE001
             self._failed(error)
+        if model_id and self.run_id and self.error is None:
+            self._link_model(model_id)
+
+    def _link_model(self, model_id: str) -> None:
+        """MLflow's lineage: the model as the run's input. A model the store does not have (its
+        training ran under another store) leaves the run without it, and says so."""
+        from mlflow.entities import LoggedModelInput
+
+        try:
+            self._client.get_logged_model(model_id)  # raises for a model this store does not have
+            _retry(self._client.log_inputs, self.run_id, models=[LoggedModelInput(model_id)])
+            self.model_id = model_id
+        except Exception as error:  # noqa: BLE001
+            logging.getLogger("tracking").warning("the evaluated model %s is not in the MLflow store at %s (%s); the run is "
+                                                  "not linked to it", model_id, tracking_uri(), str(error).splitlines()[0])  # fmt: skip
+
+    def record_model(self, name: str, step: int, tags: dict) -> str | None:
+        """Records the model this run trained as an MLflow logged model, made by this run at ``step``
+        (its weights stay in the stage's folder, under DVC); the runs that evaluate it take it as their
+        input and log their metrics to it, so the experiment's Models tab lists each model with them."""
+        from mlflow.entities import LoggedModelOutput
+
+        found: list[str] = []
+
+        def record() -> None:
+            model = _retry(self._client.create_logged_model, self.experiment_id, name=name, source_run_id=self.run_id,
+                           tags={"stage": self.stage, "scale": self.scale, **{k: str(v) for k, v in tags.items()}})  # fmt: skip
+            _retry(self._client.finalize_logged_model, model.model_id, "READY")
+            _retry(self._client.log_outputs, self.run_id, [LoggedModelOutput(model.model_id, step)])
+            found.append(model.model_id)
+
+        self._call(record)
+        return found[0] if found else None
 
     def _watch_system(self, resumed: bool) -> None:
         """MLflow's system metrics while the run trains (``system/...``: CPU, memory, disk, network,
@@ -386,7 +422,7 @@ class LiveRun:
         then the status."""
         if self._system is not None:
             self._system.finish()  # its last samples, before the run ends
-        self._call(lambda: _log_batches(self._client, self.run_id, _metrics(metrics, series)))
+        self._call(lambda: _log_batches(self._client, self.run_id, _metrics(metrics, series, self.model_id)))
         for key, (path, step) in (images or {}).items():
             self.log_image(key, path, step)
             self._call(lambda path=path: _retry(self._client.log_artifact, self.run_id, str(path)))

@@ -71,6 +71,21 @@ class TrainingInterrupted(Exception):
         self.step = step
 
 
+class TrainingDiverged(Exception):
+    """The loss of ``step`` (or, with ``weights``, the weights after it) is not finite: NaN or inf.
+    Nothing of that step or later was saved; ``data_finite`` says whether that step's batch was."""
+
+    def __init__(self, step: int, data_finite: bool, weights: bool = False):
+        what = "the weights after step" if weights else "the loss at step"
+        super().__init__(f"{what} {step} are not finite (NaN or inf)" if weights else f"{what} {step} is not finite (NaN or inf)")
+        self.step, self.data_finite, self.weights = step, data_finite, weights
+
+
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one host sync)."""
+    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
+
+
 class StopFlag:
     """Notes SIGTERM instead of dying, so the loop can finish its step and checkpoint first."""
 
@@ -185,7 +200,8 @@ def train(
 ) -> TrainResult:
     """Trains ``unet`` (the model ``objective`` trains: objectives.Objective.trained_model) in place
     on every process of the launch, from the latest checkpoint of ``checkpoints`` when there is one.
-    Raises TrainingInterrupted on SIGTERM, after a checkpoint."""
+    Raises TrainingInterrupted on SIGTERM, after a checkpoint, and TrainingDiverged when a loss or
+    the weights stop being finite, before anything of that step is logged or saved."""
     # Initialize.
     plugin = objectives.get(objective)
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=ACCELERATE_PRECISION[train_config.precision])
@@ -237,7 +253,19 @@ def train(
                 history.record(losses.cpu(), t.cpu())
             pending.clear()
 
+    def check_finite(done: int, saving: bool) -> None:
+        """Stops before a non-finite loss (of any step so far, any process) or weights reach the
+        history, MLflow or a checkpoint; says whether the batch of that step was finite itself."""
+        bad = int(accelerator.gather(first_bad.reshape(1)).min())
+        weights = bad > num_steps and saving and not finite_weights(model)
+        if bad <= num_steps or weights:
+            step = bad if bad <= num_steps else done
+            batch = prepare(step - 1)  # the same batch again: the stream is seeded by step
+            data_finite = bool(batch.x0.isfinite().all() and batch.context.isfinite().all())
+            raise TrainingDiverged(step, data_finite, weights)
+
     pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # per-sample losses and timesteps not yet in the history
+    first_bad = torch.full((), num_steps + 1, dtype=torch.long, device=device)  # the first step whose loss was not finite, on the device
     started = time.perf_counter()
     progress = tqdm(range(first_step, num_steps), desc="train", initial=first_step, total=num_steps, mininterval=5, disable=not main)
     inputs = Prefetch(prepare, range(first_step, num_steps), pin=on_gpu)
@@ -255,6 +283,7 @@ def train(
                         per_sample, logs = loss_fn(denoiser, x0[micro], context[micro], **{key: value[micro] for key, value in draws.items()})
                     accelerator.backward(per_sample.sum() * plan.num_processes / plan.global_batch)
                 pending.append((per_sample.detach().float(), logs["t"]))
+                first_bad = torch.where(per_sample.detach().isfinite().all(), first_bad, first_bad.clamp(max=step + 1))  # no host sync
             optimizer.step()
 
             # Update the EMA (Section 4: decay 0.9995 at the paper's scale).
@@ -267,6 +296,7 @@ def train(
             saving = checkpoints and (done % train_config.checkpoint_every_steps == 0 or done == num_steps or stopping)
             logging_now = done % train_config.log_every_steps == 0 or done == num_steps
             if logging_now or saving:
+                check_finite(done, saving or done == num_steps)
                 flush_losses()
             if main:
                 if logging_now:

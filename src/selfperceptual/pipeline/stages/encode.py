@@ -33,6 +33,16 @@ def add_arguments(parser) -> None:
     add_part_argument(parser, "the samples (in blocks of encode.batch)")
 
 
+def refuse_non_finite(keys: list[str], *tensors: torch.Tensor, precision: str) -> None:
+    """Stops before a sample whose latents or text embedding hold NaN or inf reaches a shard."""
+    finite = torch.stack([tensor.isfinite().flatten(1).all(1) for tensor in tensors]).all(0).tolist()
+    bad = [key for key, ok in zip(keys, finite) if not ok]
+    if bad:
+        hint = "; SD's VAE overflows in fp16: set encode.precision to bf16 or fp32" if precision == "fp16" else ""
+        raise SystemExit(f"encode: the latents or text embeddings of {len(bad)} image(s) are not finite (NaN or inf), "
+                         f"e.g. {bad[0]!r}; nothing was written{hint}")
+
+
 @torch.no_grad()
 def run(args, config, scale, out) -> None:
     device = runtime(config.encode.precision)
@@ -46,9 +56,11 @@ def run(args, config, scale, out) -> None:
     batches = sample_batches(args.images, config.encode.batch, todo.start, todo.stop)  # the next batch decodes meanwhile
     for batch in tqdm(batches, desc="encode", total=-(-len(todo) // config.encode.batch), mininterval=5):
         posterior = vae.encode(device.tensor(to_tensor([image for _, image, _ in batch]))).latent_dist
-        texts = [caption for _, _, caption in batch]
+        texts, keys = [caption for _, _, caption in batch], [key for key, _, _ in batch]
         context = encode_prompts(tokenizer, text_encoder, texts)
-        writer.add(posterior.mean * factor, posterior.std * factor, context, [key for key, _, _ in batch], texts)
+        mean, std = posterior.mean * factor, posterior.std * factor
+        refuse_non_finite(keys, mean, std, context, precision=config.encode.precision)
+        writer.add(mean, std, context, keys, texts)
     if not writer.shards and not writer.pending:
         raise SystemExit(f"encode: no images for part {index}/{count} in {', '.join(map(str, args.images))}")
     total = writer.close(

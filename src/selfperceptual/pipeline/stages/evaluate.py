@@ -83,7 +83,8 @@ def run(args, config, scale, out) -> None:
     sampled, paths = sample_images(args.samples)
     row = row_named(sampled["row"])
     params = {"row": row.name, "model": row.model, "sample": config.sample.model_dump(), "evaluate": config.evaluate.model_dump(), "steps": sampled["steps"]}
-    live = tracking.LiveRun(scale, args.out.name, params, run_tags(row, sampled, args.out.name), system_metrics=False)  # RUNNING while it works
+    live = tracking.LiveRun(scale, args.out.name, params, run_tags(row, sampled, args.out.name), system_metrics=False,
+                            model_id=sampled.get("model_id"))  # RUNNING while it works; its metrics are also its model's  # fmt: skip
     try:
         scores = evaluate(args, config, row, sampled, paths, out)
     except BaseException:

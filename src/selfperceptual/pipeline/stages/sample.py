@@ -52,10 +52,10 @@ def run(args, config, scale, out) -> None:
             images = generate(pipeline, prompts[batch], seeds[batch], row.steps, row.cfg, row.rescale, settings.eta)
             for offset, image in enumerate(images):
                 write(image.save, out / "images" / f"{start + offset:05d}.png")
-    trained = args.model / "tracking.json"  # the MLflow run that trained the model, if one did
+    trained = read_json(args.model / "tracking.json") if (args.model / "tracking.json").is_file() else {}  # the MLflow run that trained it, if one did
     write_json(
         out / "samples.json",
-        {"row": row.name, "model_run_id": read_json(trained)["run_id"] if trained.is_file() else None, "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
+        {"row": row.name, "model_run_id": trained.get("run_id"), "model_id": trained.get("model_id"), "prompts": prompts, "captions": captions, "seeds": seeds, "steps": row.steps, "cfg": row.cfg,
          "rescale": row.rescale, "conditioning": row.conditioning, "part": [index, count], "images": [todo.start, todo.stop]},
     )
     log.info("sample %d/%d: images %d-%d of %d, %d steps, cfg %s, rescale %s", index, count, todo.start, todo.stop, len(prompts), row.steps, row.cfg, row.rescale)

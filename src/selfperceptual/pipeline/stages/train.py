@@ -22,14 +22,14 @@ from ..config import TrainConfig, settings_affecting
 from ...method.device import peak_memory_mib, runtime
 from ..distributed import launch_command
 from ..experiments import peer_tags
-from ..io import write_json, write_series_csv
+from ..io import read_json, write_json, write_series_csv
 from ..sheets import sheet
 from ...method import objectives
 from ...method.errors import SettingError
 from ...method.models import assemble_pipeline, load_stage_pipeline, save_trained
 from ...method.sampling import generate
 from ...method.schedule import Schedule
-from ..training import LatentData, Monitor, TrainingInterrupted, train
+from ..training import LatentData, Monitor, TrainingDiverged, TrainingInterrupted, train
 
 log = logging.getLogger("train")
 # Its params come from the TrainRun it runs (experiments.TrainRun.params(): what each setting affects, config.AFFECTS).
@@ -102,6 +102,23 @@ class StageMonitor(Monitor):
         self.run.log_image("preview", self.render(ema, self.folder / "previews" / f"preview_step{step:08d}.png", step), step)
 
 
+DIVERGED = "diverged.json"  # in an execution's checkpoint folder: its training stopped on a non-finite loss
+
+
+def diverged_message(stopped: TrainingDiverged, args, config, settings_of, store: CheckpointStore) -> str:
+    """What stopped, what was kept, and the likely cause: the data when that step's batch was not
+    finite itself, else the learning rate or the precision."""
+    latest = store.latest()
+    kept = f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint was made before it"
+    if not stopped.data_finite:
+        cause = (f"that step's batch is not finite itself: the latents in --data {', '.join(map(str, args.data))} hold NaN or inf "
+                 "(encode them again)")
+    else:
+        cause = (f"likely the learning rate (train.{args.objective}.learning_rate = {settings_of.learning_rate:g}) or the precision "
+                 f"(train.precision = {config.train.precision}{'; fp16 overflows where bf16 does not' if config.train.precision == 'fp16' else ''})")
+    return f"train: {stopped}; nothing of it was saved and {kept}; {cause}"
+
+
 def run(args, config, scale, out):
     """``out`` is None on the processes of a multi-GPU launch other than the first: they train, the first writes."""
     # Load and check everything before the first step.
@@ -138,6 +155,10 @@ def run(args, config, scale, out):
     # input never resumes from checkpoints trained on the old one (the paths alone would).
     settings["made"] = {str(path): _made(path) for path in (args.init, *inputs.values(), *args.data) if path}
     store = CheckpointStore.for_execution(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
+    diverged = store.folder / DIVERGED
+    if diverged.is_file():  # Snakemake's retries, or a rerun with the same settings: the same steps would diverge again
+        raise SystemExit(f"{read_json(diverged)['message']} (found by an earlier attempt: {diverged}; change the settings, "
+                         "or delete that file to try the same ones again)")
     log.info("train %s/%s: %d steps of %d on %d samples; checkpoints in %s", args.objective, args.conditioning,
              settings_of.num_steps, config.train.global_batch, len(data), store.folder)
 
@@ -158,6 +179,13 @@ def run(args, config, scale, out):
     # Train.
     try:
         result = train(model, data, loss_fn, settings_of, config.train, args.conditioning, schedule.num_train_timesteps, store, monitor, args.objective)
+    except TrainingDiverged as stopped:
+        if run_:
+            run_.end("FAILED")
+        message = diverged_message(stopped, args, config, settings_of, store)
+        if out is not None:
+            write_json(diverged, {"step": stopped.step, "message": message})
+        raise SystemExit(message) from None
     except TrainingInterrupted as stopped:
         if run_:
             run_.end("KILLED")
@@ -177,10 +205,13 @@ def run(args, config, scale, out):
     metrics = {"final_loss": history.final(), "seconds_per_step": result.seconds_per_step, "resumed_from_step": result.first_step,
                "num_steps": settings_of.num_steps, "peak_memory_mib": peak_memory_mib()}  # fmt: skip
     write_json(out / "metrics.json", metrics)
+    # The objective's settings this model was trained with (the report's peers table states them).
+    write_json(out / "settings.json", settings_of.model_dump(exclude=set(settings_affecting(objectives.ObjectiveSettings, "memory"))))
     write_json(out / "loss_curve.json", history.series)
     write_series_csv(history.series, out / "loss.csv")  # the same points as a table: DVC's plots
-    if run_.run_id:  # what the runs that evaluate this model link to
-        write_json(out / "tracking.json", {"run_id": run_.run_id, "tracking_uri": tracking.tracking_uri()})
+    if run_.run_id:  # what the runs that evaluate this model link to: the run, and the model MLflow records it made
+        model_id = run_.record_model(args.out.name, settings_of.num_steps, {"objective": args.objective, "conditioning": args.conditioning})
+        write_json(out / "tracking.json", {"run_id": run_.run_id, "model_id": model_id, "tracking_uri": tracking.tracking_uri()})
 
     def report() -> None:
         run_.end("FINISHED", metrics=metrics, series=history.series, images={"preview": (args.out / "preview.png", settings_of.num_steps)})
