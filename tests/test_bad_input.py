@@ -371,6 +371,88 @@ def test_latents_that_overflow_are_refused_by_encode_naming_an_image(capsys, rep
     assert_nothing_written(tmp_path / "encode")
 
 
+# Weights files from outside: none can run code, each is checked ------------------------------
+
+
+class _Payload:
+    """Unpickled by a full torch.load, it runs a shell command that leaves ``marker`` behind."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        import os
+
+        return os.system, (f"touch {self.marker}",)
+
+
+def _weights_with_payload(path, marker, state=None):
+    import torch
+
+    torch.save({**(state or {"weight": torch.zeros(2)}), "extra": _Payload(marker)}, path)
+    return path
+
+
+def _inception_case(case, rehearsal_inputs, tmp_path):
+    """(weights file, extra --set, expected start of the problem after the path) for each case."""
+    import torch
+
+    from selfperceptual.pipeline.rehearsal import INCEPTION_FILE
+
+    real = rehearsal_inputs / "inception" / INCEPTION_FILE
+    path = tmp_path / "inception.pth"
+    if case == "missing":
+        return path, [], "not a file. Download torch-fidelity's Inception-v3 weights"
+    if case == "pickled payload":
+        return _weights_with_payload(path, tmp_path / "PAYLOAD_RAN", torch.load(real, weights_only=True)), [], "not a plain weights file, refused without running it (Trying to load unsupported GLOBAL posix.system"
+    if case == "truncated":
+        path.write_bytes(real.read_bytes()[: real.stat().st_size // 2])
+        return path, [], "not a plain weights file, refused without running it ("
+    if case == "random bytes":
+        path.write_bytes(bytes(range(256)) * 64)
+        return path, [], "not a plain weights file, refused without running it ("
+    if case == "another network's":
+        torch.save({"features.0.weight": torch.zeros(64, 3, 3, 3)}, path)
+        return path, [], "not Inception-v3's weights as torch-fidelity names them (Error(s) in loading state_dict"
+    if case == "not the published file":
+        return real, ["featnet.inception_sha256=0123abcd"], "SHA-256 "
+    raise AssertionError(case)
+
+
+@pytest.mark.parametrize("case", ["missing", "pickled payload", "truncated", "random bytes", "another network's", "not the published file"])
+def test_an_inception_weights_file_that_is_not_the_published_one_is_refused_in_one_line_running_nothing(capsys, repo, smoke_stages, rehearsal_inputs, tmp_path, case):
+    import hashlib
+
+    weights, extra, problem = _inception_case(case, rehearsal_inputs, tmp_path)
+    overrides = ["featnet.kind=inception", f"featnet.inception_weights={weights}", "evaluate.precision=fp32", *extra]
+    code, first = stage(capsys, repo, "featnet", tmp_path / "featnet", "--corpus", smoke_stages / "corpus", *(f"--set={o}" for o in overrides))
+    assert code == 1 and first.startswith(f"featnet.inception_weights: {weights}: {problem}"), first
+    if case == "not the published file":
+        assert f"SHA-256 {hashlib.sha256(weights.read_bytes()).hexdigest()}, not the published 0123abcd" in first
+    assert not (tmp_path / "PAYLOAD_RAN").exists()
+    assert_nothing_written(tmp_path / "featnet")
+
+
+def test_aesthetic_and_vgg_weights_with_a_pickled_payload_are_refused_and_the_payload_is_live(tmp_path):
+    import torch
+
+    from selfperceptual.method.cascade import BackboneLPIPS
+    from selfperceptual.method.weights import WeightsFileError
+    from selfperceptual.pipeline.aesthetics import AestheticPredictor
+
+    marker = tmp_path / "PAYLOAD_RAN"
+    evil = _weights_with_payload(tmp_path / "evil.pth", marker)
+    with pytest.raises(WeightsFileError, match=rf"^aesthetic\.weights: {evil}: not a plain weights file, refused without running it"):
+        AestheticPredictor.load(evil)
+    with pytest.raises(WeightsFileError, match=rf"^metric_weights: {evil}: not a plain weights file, refused without running it"):
+        BackboneLPIPS("vgg", evil)
+    with pytest.raises(WeightsFileError, match=r"^metric_weights: .*: SHA-256 [0-9a-f]{64}, not the published 397923af"):
+        BackboneLPIPS("vgg", evil, "397923af")  # the hash is checked before the file is read at all
+    assert not marker.exists()
+    torch.load(evil, weights_only=False)  # what reading it as torch-fidelity did would have done
+    assert marker.exists()
+
+
 BROKEN_MODELS = {  # case -> (stage, its arguments with the broken folder as {model}, what breaks it)
     "sample, no unet": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline/unet", None),
     "sample, not a model folder": ("sample", ["--model", "{model}", "--corpus", "{corpus}", "--row", "mse_s50"], "pipeline", None),

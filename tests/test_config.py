@@ -42,7 +42,9 @@ STEPS = ("train.mse.num_steps", "train.sp.num_steps", "train.lpl.num_steps", "tr
          "train.preview_every_steps", "train.checkpoint_every_steps", "figures.uncond_steps")
 SPLITS = ("download.num_jobs", "encode.num_jobs", "sample.num_jobs")
 INPUT_PATHS = ("corpus.laion_parquet", "corpus.coco_captions", "corpus.coco_images", "base.pretrained", "featnet.inception_weights",
-               "authors.mse", "authors.sp", "evaluate.clip", "train.casdm.metric_weights", "clip.model", "aesthetic.weights")
+               "authors.mse", "authors.sp", "evaluate.clip", "train.casdm.metric_weights", "clip.model", "aesthetic.weights",
+               # the published hashes of those files: the rehearsal's are random files the project makes
+               "featnet.inception_sha256", "train.casdm.metric_weights_sha256", "aesthetic.weights_sha256")
 COMMANDS = ("default", "corpus", "filter", "download", "clip_embed", "base", "featnet", "encode", "train", "freeze", "sample", "evaluate",
             "figures", "report")
 JOB_SIZES = tuple(f"resources.{command}.{size}" for command in COMMANDS for size in ("cpus", "mem_mb", "runtime_min"))

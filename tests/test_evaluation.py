@@ -9,6 +9,7 @@ from PIL import Image
 from selfperceptual.method.device import runtime
 from selfperceptual.method.errors import MissingComponent
 from selfperceptual.method.featnet import TinyFeatureNet
+from selfperceptual.method.weights import WeightsFileError, read_weights
 from selfperceptual.pipeline.evaluation import (
     InceptionExtractor,
     extract,
@@ -85,21 +86,25 @@ def test_inception_from_a_local_weights_file_gives_informative_features(inceptio
 
     rng = np.random.default_rng(3)
     images = [render(random_scene(rng), 48, 48, 7.0, rng) for _ in range(12)]
-    save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(inception_weights)))
+    save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(inception_weights), inception_sha256=None))
     device = runtime("fp32")
     features, logits = extract(load_extractor(tmp_path, device), images, 5, device)
     assert features.shape == (12, 2048) and logits.shape == (12, 1008)
     assert features.std(0).mean() > 0.05 * features.abs().mean()  # images differ in feature space
     assert inception_score(logits, 1)[0] > 1.5
-    again, _ = extract(InceptionExtractor(inception_weights), images[:5], 5, device)
-    assert torch.allclose(again, features[:5])
+    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3  # torch-fidelity loading the file itself
+
+    theirs = FeatureExtractorInceptionV3("inception-v3-compat", ["2048"], feature_extractor_weights_path=str(inception_weights))
+    batch = torch.from_numpy(np.stack([np.asarray(image) for image in images[:5]])).permute(0, 3, 1, 2).contiguous()
+    with torch.no_grad():
+        assert torch.equal(theirs(batch)[0], InceptionExtractor(read_weights(inception_weights, "w")).network(batch)[0])
 
 
 def test_missing_inception_weights_name_the_path_and_the_url(tmp_path):
     from types import SimpleNamespace
 
-    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth.*https://github\.com/toshas/torch-fidelity/releases/.*weights-inception-2015-12-05-6726825d\.pth"):
-        save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(tmp_path / "nowhere.pth")))
+    with pytest.raises(WeightsFileError, match=r"^featnet\.inception_weights: .*nowhere\.pth: not a file\. .*https://github\.com/toshas/torch-fidelity/releases/.*weights-inception-2015-12-05-6726825d\.pth"):
+        save_extractor(tmp_path, SimpleNamespace(kind="inception", inception_weights=str(tmp_path / "nowhere.pth"), inception_sha256=None))
 
 
 def test_feature_network_learns_corpus_labels(tmp_path, smoke_config):

@@ -23,7 +23,8 @@ from diffusers.pipelines.stable_diffusion.pipeline_output import StableDiffusion
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 from torch import nn
 
-from .errors import InputError, SettingError
+from .errors import InputError
+from .weights import read_weights
 from .featnet import TinyFeatureNet
 from .schedule import Schedule
 
@@ -136,12 +137,10 @@ class BackboneLPIPS(nn.Module):
     """lpips.LPIPS with a VGG or AlexNet backbone whose weights are read from a local torchvision
     file (no download); its learned linear layers ship inside the lpips package."""
 
-    def __init__(self, kind: str, weights: str | Path):
+    def __init__(self, kind: str, weights: str | Path, sha256: str | None = None):
         super().__init__()
-        if not weights or not Path(weights).is_file():
-            raise SettingError("metric_weights", f"{weights} is not a file (torchvision's {kind} ImageNet weights)")
-        self.lpips = lpips.LPIPS(net=kind, pretrained=True, pnet_rand=True, verbose=False)
-        found = torch.load(weights, map_location="cpu", weights_only=True)
+        found = read_weights(weights, "metric_weights", sha256)  # torchvision's ImageNet weights, read without running code
+        self.lpips = lpips.LPIPS(net=kind, pretrained=True, pnet_rand=True, verbose=False)  # its linear layers: torch.load, weights only since torch 2.6
         state = {}
         for name in self.lpips.net.state_dict():  # "slice2.5.weight": torchvision's "features.5.weight"
             _, index, kind_of = name.split(".")
@@ -153,10 +152,11 @@ class BackboneLPIPS(nn.Module):
         return self.lpips(images, target).flatten()
 
 
-def build_metric(metric: str, weights: str | None, featnet_dir: Path | None) -> nn.Module:
-    """LPIPS with the backbone ``metric`` names: the featnet stage's network (its folder), or VGG/AlexNet from a file."""
+def build_metric(metric: str, weights: str | None, featnet_dir: Path | None, sha256: str | None = None) -> nn.Module:
+    """LPIPS with the backbone ``metric`` names: the featnet stage's network (its folder), or VGG/AlexNet
+    from a file (checked against ``sha256``, its published hash, when given)."""
     if metric != "featnet":
-        return BackboneLPIPS(metric, weights)
+        return BackboneLPIPS(metric, weights, sha256)
     if featnet_dir is None or not (featnet_dir / "featnet.json").is_file():
         raise InputError("metric", "no featnet.json; metric featnet needs a featnet stage's folder with the tiny network", featnet_dir)
     return FeatnetLPIPS(TinyFeatureNet.load(featnet_dir))

@@ -37,11 +37,13 @@ class AestheticPredictor(nn.Module):
         return self.layers(nn.functional.normalize(embeddings.float(), dim=-1)).squeeze(-1)
 
     @classmethod
-    def load(cls, path: str | Path, hidden: tuple[int, ...] = LAION_HIDDEN) -> AestheticPredictor:
-        """The predictor's weights file (a state dict, torch.save), its input width read from it."""
-        if not path or not Path(path).is_file():
-            raise FileNotFoundError(f"aesthetic weights {path} is not a file (the LAION predictor's sac+logos+ava1-l14-linearMSE.pth)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
+    def load(cls, path: str | Path, hidden: tuple[int, ...] = LAION_HIDDEN, sha256: str | None = None,
+             setting: str = "aesthetic.weights") -> AestheticPredictor:  # fmt: skip
+        """The predictor's weights file (a state dict, torch.save; the LAION predictor's
+        sac+logos+ava1-l14-linearMSE.pth), read without running code, its input width read from it."""
+        from ..method.weights import read_weights
+
+        state = read_weights(path, setting, sha256)
         predictor = cls(state["layers.0.weight"].shape[1], hidden)
         predictor.load_state_dict(state)
         return predictor.eval()

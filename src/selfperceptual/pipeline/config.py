@@ -155,6 +155,7 @@ class AestheticConfig(Section):
     same architecture, ``hidden`` wide, to corpus images' AESTHETIC_SCORE."""
 
     weights: str | None
+    weights_sha256: str | None = None  # the weights file's SHA-256 (or its leading hex digits) where one is published; null: unchecked
     hidden: list[int]
     train_rows: int = Field(ge=0)  # corpus images it is fitted on (null weights)
     train_steps: int = Field(ge=0)
@@ -232,6 +233,8 @@ class FeatNetConfig(Section):
     learning_rate: float = Field(gt=0)
     feature_dim: int = Field(gt=0)
     inception_weights: str | None = None
+    # Its published SHA-256, or the leading hex digits torch hub file names carry (weights-inception-2015-12-05-6726825d.pth); null: unchecked.
+    inception_sha256: str | None = None
 
     @model_validator(mode="after")
     def _weights_named(self):

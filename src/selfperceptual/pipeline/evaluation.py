@@ -16,15 +16,14 @@ bicubic filter (never squashed), so real and generated images reach the network 
 from __future__ import annotations
 
 import json
-import os
-import shutil
+import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from torch import nn
 from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3, FeatureExtractorInceptionV3
 from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_features_to_statistics, fid_statistics_to_metric
@@ -33,13 +32,14 @@ from torch_fidelity.metric_prc import KEY_METRIC_PRECISION, KEY_METRIC_RECALL, p
 from tqdm import tqdm
 
 from ..method.errors import InputError, MissingComponent
+from ..method.weights import WeightsFileError, read_weights
 from ..method.featnet import TinyFeatureNet
 from .data.shards import to_tensor
 from .io import decode_images
 from ..method.device import Runtime, runtime
 from .intervals import Resampled, resample
 
-INCEPTION_FILE = "inception-v3.pth"  # the featnet folder's copy of featnet.inception_weights
+INCEPTION_FILE = "inception-v3.safetensors"  # the featnet folder's copy of featnet.inception_weights, converted
 
 
 def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: int, config, seed: int) -> tuple[TinyFeatureNet, float]:
@@ -68,15 +68,31 @@ def train_feature_net(images: torch.Tensor, labels: torch.Tensor, num_classes: i
     return network.cpu().eval(), accuracy
 
 
+class _Unloaded(FeatureExtractorInceptionV3):
+    def load_state_dict(self, state_dict, strict=True, assign=False):  # what its __init__ reads is ignored
+        return None
+
+
+def inception_v3(features_list: list[str], state: dict[str, torch.Tensor] | None = None) -> FeatureExtractorInceptionV3:
+    """torch-fidelity's Inception-v3 (``inception-v3-compat``) with ``state`` as its weights (None:
+    as initialised). torch-fidelity reads a weights file with ``torch.load(..., weights_only=False)``,
+    which runs whatever code a pickle carries: it is handed an empty file of our own instead, and the
+    weights, read without running code (``method.weights``), are loaded after."""
+    with tempfile.TemporaryDirectory() as folder:
+        empty = Path(folder) / "empty.pth"
+        torch.save({}, empty)
+        network = _Unloaded("inception-v3-compat", features_list, feature_extractor_weights_path=str(empty))
+    if state is not None:
+        nn.Module.load_state_dict(network, state)
+    return network
+
+
 class InceptionExtractor(nn.Module):
     """Inception-v3 pool3 features and unbiased logits, as torch-fidelity computes them (paper scale)."""
 
-    def __init__(self, weights: Path):
+    def __init__(self, state: dict[str, torch.Tensor]):
         super().__init__()
-        check_inception_weights(weights)
-        self.network = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights)
-        )
+        self.network = inception_v3(["2048", "logits_unbiased"], state)
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         uint8 = ((images.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
@@ -84,23 +100,28 @@ class InceptionExtractor(nn.Module):
         return features, logits
 
 
-def check_inception_weights(path) -> None:
+def read_inception_weights(path, sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """The state dict of the Inception-v3 weights file ``featnet.inception_weights`` names, read
+    without running code, checked against ``sha256`` (its published hash) and against the network."""
+    setting = "featnet.inception_weights"
     if not path or not Path(path).is_file():
-        raise FileNotFoundError(
-            f"featnet.inception_weights: {path} is not a file. Download torch-fidelity's Inception-v3 weights "
-            f"({Path(URL_INCEPTION_V3).name}) from {URL_INCEPTION_V3} and name the file in params.yaml"
-        )
+        raise WeightsFileError(setting, path, f"not a file. Download torch-fidelity's Inception-v3 weights "
+                                              f"({Path(URL_INCEPTION_V3).name}) from {URL_INCEPTION_V3} and name the file in params.yaml")  # fmt: skip
+    state = read_weights(path, setting, sha256)
+    try:
+        inception_v3(["2048"], state)
+    except RuntimeError as error:
+        first = " ".join(str(error).split())[:300]
+        raise WeightsFileError(setting, path, f"not Inception-v3's weights as torch-fidelity names them ({first})") from None
+    return state
 
 
 def save_extractor(out: Path, settings) -> None:
     """Records which network the featnet folder holds (the tiny one saves itself); Inception's
-    weights are linked or copied in, so the folder is the whole evaluation network."""
+    weights are converted once to safetensors in it, so the folder is the whole evaluation network
+    and no evaluate job unpickles anything."""
     if settings.kind == "inception":
-        check_inception_weights(settings.inception_weights)
-        try:
-            os.link(settings.inception_weights, out / INCEPTION_FILE)
-        except OSError:  # another filesystem
-            shutil.copyfile(settings.inception_weights, out / INCEPTION_FILE)
+        save_file(read_inception_weights(settings.inception_weights, settings.inception_sha256), out / INCEPTION_FILE)
     (out / "extractor.json").write_text(json.dumps({"kind": settings.kind}))
 
 
@@ -122,7 +143,7 @@ def load_extractor(folder: Path, device: Runtime):
         return device.place(TinyFeatureNet.load(folder))
     if device.dtype != torch.float32:
         raise ValueError("evaluate.precision must be fp32 with Inception-v3 (torch-fidelity computes it in fp32)")
-    return InceptionExtractor(folder / INCEPTION_FILE).to(device.device).eval()
+    return InceptionExtractor(load_file(folder / INCEPTION_FILE)).to(device.device).eval()
 
 
 def reference_images(paths: list[str], resolution: int) -> list[Image.Image]:

@@ -207,15 +207,10 @@ def write_inception_weights(path: Path, seed: int) -> None:
     Kaiming-normal weights and zero biases. Batch-norm statistics are then measured on 64 rendered
     scenes and the final layer scaled to logits of standard deviation 2 across them: without that,
     a deep random network maps every image to nearly the same features (IS 1.0)."""
-    from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
-
-    class Unloaded(FeatureExtractorInceptionV3):  # the architecture without loading any weights
-        def load_state_dict(self, state_dict, strict=True, assign=False):
-            return None
+    from .evaluation import inception_v3
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({}, path)
-    network = Unloaded("inception-v3-compat", ["logits_unbiased"], feature_extractor_weights_path=str(path))
+    network = inception_v3(["logits_unbiased"])  # the architecture, no weights loaded
     generator = torch.Generator().manual_seed(seed)
     for module in network.modules():
         if isinstance(module, (nn.Conv2d, nn.Linear)):

@@ -20,6 +20,7 @@ class CasDMSettings(ObjectiveSettings):
     metric_weighting: Literal["alpha_bar", "constant"] = "alpha_bar"  # LPIPS per sample times alpha_bar_t, or not
     metric: Literal["featnet", "vgg", "alex"] = "featnet"  # LPIPS's backbone: the evaluation network, or LPIPS's own
     metric_weights: str | None = None  # vgg/alex: torchvision's ImageNet weights file of that network
+    metric_weights_sha256: str | None = None  # its published SHA-256 or leading hex digits (vgg16-397923af.pth: 397923af); null: unchecked
 
     @model_validator(mode="after")
     def _weights_named(self):
@@ -67,7 +68,7 @@ class CasDM(Objective):
         from ..cascade import build_metric
         from ..losses import CascadeLoss
 
-        metric = build_metric(settings.metric, settings.metric_weights, inputs.get("metric"))
+        metric = build_metric(settings.metric, settings.metric_weights, inputs.get("metric"), settings.metric_weights_sha256)
         return CascadeLoss(schedule, pipeline.vae, metric, settings.x0_weight, settings.metric_weight, settings.metric_weighting)
 
     def pipeline(self, model, **components):

@@ -29,7 +29,7 @@ def add_arguments(parser) -> None:
 
 def load_predictor(config, folder: Path | None) -> AestheticPredictor:
     if config.aesthetic.weights is not None:
-        return AestheticPredictor.load(config.aesthetic.weights, tuple(config.aesthetic.hidden))
+        return AestheticPredictor.load(config.aesthetic.weights, tuple(config.aesthetic.hidden), config.aesthetic.weights_sha256)
     if folder is None or not (folder / "aesthetic.pth").is_file():
         raise SystemExit(f"--predictor {folder}: no aesthetic.pth; aesthetic.weights is null, so the aesthetic_train stage's predictor is needed")
     predictor = AestheticPredictor(**json.loads((folder / "aesthetic.json").read_text()))
