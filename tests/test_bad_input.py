@@ -8,6 +8,7 @@ import socket
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 from PIL import Image
@@ -223,7 +224,45 @@ def _bad_images(folder):
     Image.new("CMYK", (64, 64), (0, 200, 200, 0)).save(folder / "cmyk.jpg")
     Image.new("RGB", (6000, 6000), (250, 250, 0)).save(folder / "huge.png")
     Image.new("RGB", (1, 1), (0, 0, 0)).save(folder / "tiny.png")
+    for name, (image, suffix) in _pictures().items():
+        if name == "rgb16" or name == "rgba16":  # PIL writes no 16-bit colour PNG; OpenCV does (BGR order)
+            import cv2
+
+            cv2.imwrite(str(folder / f"{name}.png"), np.asarray(image)[..., [2, 1, 0, 3][: np.asarray(image).shape[-1]]])
+        else:
+            image.save(folder / f"{name}.{suffix}")
     return {path.stem: path for path in folder.iterdir()}
+
+
+SPLIT = np.zeros((64, 64, 3), np.uint8)  # a picture, not a flat colour: red and blue halves, a green square
+SPLIT[:, :32], SPLIT[:, 32:], SPLIT[16:48, 16:48] = (200, 30, 30), (30, 30, 200), (30, 200, 30)
+
+
+def _pictures():
+    """name -> (the picture in another mode or depth, file suffix); each shows ``SPLIT`` (in gray for gray modes)."""
+    rgb = Image.fromarray(SPLIT)
+    gray16 = np.asarray(rgb.convert("L")).astype(np.uint16) * 257
+    rgb16 = SPLIT.astype(np.uint16) * 257
+    rgba16 = np.concatenate([rgb16, np.full((64, 64, 1), 32896, np.uint16)], -1)  # half transparent
+    rgba = rgb.convert("RGBA")
+    rgba.putalpha(128)
+    return {
+        "gray16": (Image.fromarray(gray16), "png"), "rgb16": (rgb16, "png"), "rgba16": (rgba16, "png"),
+        "palette": (rgb.convert("P"), "png"), "gray_alpha": (rgb.convert("LA"), "png"), "rgba": (rgba, "png"),
+        "bilevel": (rgb.convert("1"), "png"), "float": (Image.fromarray(np.asarray(rgb.convert("L")).astype(np.float32) / 255), "tiff"),
+    }  # fmt: skip
+
+
+def _expected(case):
+    """What a faithful download of a picture case holds: RGB at 8 bits, transparency over white, at 32 px."""
+    rgb = Image.fromarray(SPLIT)
+    if case in ("gray16", "gray_alpha"):
+        rgb = rgb.convert("L").convert("RGB")
+    elif case in ("rgba16", "rgba"):
+        rgb = Image.fromarray(np.rint(SPLIT * (128 / 255) + 255 * (1 - 128 / 255)).astype(np.uint8))
+    elif case == "bilevel":
+        rgb = rgb.convert("1").convert("RGB")
+    return np.asarray(rgb.resize((32, 32), Image.BICUBIC)).astype(float)
 
 
 @pytest.fixture(scope="module")
@@ -251,11 +290,22 @@ def test_decodable_images_of_any_mode_and_size_are_written_as_rgb_at_the_resolut
     assert written[case].mode == "RGB" and written[case].size == (32, 32)
 
 
-@pytest.mark.parametrize("case", ["truncated", "empty", "text", "http_404", "refused", "timeout"])
+@pytest.mark.parametrize("case", ["gray16", "rgb16", "rgba16", "palette", "gray_alpha", "rgba", "bilevel"])
+def test_images_of_other_modes_and_depths_are_written_as_the_picture_they_show(download_of_bad_inputs, case):
+    """16-bit images (once stored as uniform white), palettes, transparency and bilevel images keep
+    their picture: the written image is the expected 8-bit RGB one, within JPEG's error."""
+    _, written, _ = download_of_bad_inputs
+    image = np.asarray(written[case].convert("RGB")).astype(float)
+    assert image.std() > 20, "a blank image was written"
+    assert np.abs(image - _expected(case)).mean() < (16 if case == "bilevel" else 8)
+
+
+@pytest.mark.parametrize("case", ["truncated", "empty", "text", "http_404", "refused", "timeout", "float"])
 def test_unusable_images_and_dead_urls_are_counted_not_fatal_and_not_written(download_of_bad_inputs, case):
     stats, written, _ = download_of_bad_inputs
     assert case not in written
-    assert stats["failed_to_download"] + stats["failed_to_resize"] >= 6
+    assert stats["failed_to_download"] + stats["failed_to_resize"] >= 7
+    assert case != "float" or any("float32 pixels" in kind for kind in stats["errors"])  # its pixels' scale is unknown
 
 
 def test_every_row_is_either_written_or_counted_as_a_failure(download_of_bad_inputs):

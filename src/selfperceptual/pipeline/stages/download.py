@@ -45,6 +45,35 @@ with _without("torch"):
     from img2dataset.logger import LoggerProcess
 
     img2dataset_main = importlib.import_module("img2dataset.main")  # the module; the package's "main" is a function
+    img2dataset_resizer = importlib.import_module("img2dataset.resizer")
+
+
+class _EightBitDecoding:
+    """OpenCV as img2dataset's resizer sees it, with ``imdecode`` giving 8 bits per channel. The
+    resizer decodes with ``IMREAD_UNCHANGED``, then mattes alpha and encodes JPEG as if every image
+    had 8 bits: a 16-bit PNG came out uniformly white. Here 16-bit images are scaled to 8 bits
+    (rounded, v / 257); float or 32-bit pixels, whose scale no file states, are refused and counted
+    among the failures (``stats.json``), never stored."""
+
+    def __init__(self, cv2):
+        self._cv2 = cv2
+
+    def __getattr__(self, name):
+        return getattr(self._cv2, name)
+
+    def imdecode(self, buffer, flags):
+        import numpy as np
+
+        image = self._cv2.imdecode(buffer, flags)
+        if image is None or image.dtype == np.uint8:
+            return image
+        if image.dtype == np.uint16:
+            return np.rint(image / 257.0).astype(np.uint8)
+        raise ValueError(f"{image.dtype} pixels: only 8- and 16-bit images are converted faithfully")
+
+
+if not isinstance(img2dataset_resizer.cv2, _EightBitDecoding):  # the stage's process and each worker img2dataset spawns
+    img2dataset_resizer.cv2 = _EightBitDecoding(img2dataset_resizer.cv2)
 
 from ..data.shards import count_samples
 from ..io import read_json, write_json
