@@ -421,6 +421,38 @@ def test_latents_that_overflow_are_refused_by_encode_naming_an_image(capsys, rep
     assert_nothing_written(tmp_path / "encode")
 
 
+@pytest.mark.parametrize("broken", ["latest truncated", "every one unreadable"])
+def test_a_broken_checkpoint_is_named_and_training_resumes_from_the_newest_good_one(capsys, caplog, repo, smoke_stages, tmp_path, broken):
+    import json as json_
+
+    every = "train.checkpoint_every_steps=5"
+    assert _train(capsys, repo, smoke_stages, tmp_path, smoke_stages / "encode", every)[0] == 0
+    (run,) = (tmp_path / "checkpoints").glob("*/run-1")
+    (run / "finished.json").unlink()  # as if stopped after its last checkpoint, before its outputs were reported
+    kept = _checkpoints(tmp_path)
+    assert [path.name for path in kept] == ["step-00000015", "step-00000020"]
+    if broken == "latest truncated":
+        model = kept[-1] / "model.safetensors"
+        model.write_bytes(model.read_bytes()[:1000])
+    else:
+        for checkpoint in kept:
+            (checkpoint / "state.json").write_text("")
+    import shutil
+
+    shutil.rmtree(tmp_path / "out")
+    with caplog.at_level("WARNING"):
+        code, first = _train(capsys, repo, smoke_stages, tmp_path, smoke_stages / "encode", every)
+    assert code == 0, first
+    said = caplog.text
+    assert f"checkpoint {kept[-1]} is broken: " in said
+    resumed = json_.loads((tmp_path / "out" / "metrics.json").read_text())["resumed_from_step"]
+    if broken == "latest truncated":
+        assert resumed == 15 and f"checkpoint {kept[0]} is broken" not in said
+    else:
+        assert resumed == 0 and f"checkpoint {kept[0]} is broken" in said and "training starts afresh from step 0" in said
+    assert (run / f"broken-{kept[-1].name}").is_dir()  # kept to look at, never tried again
+
+
 # Weights files from outside: none can run code, each is checked ------------------------------
 
 

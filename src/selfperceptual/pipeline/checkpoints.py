@@ -90,6 +90,14 @@ def _match_layout(optimizer: torch.optim.Optimizer) -> None:
 FINISHED = "finished.json"
 
 
+class BrokenCheckpoint(Exception):
+    """A checkpoint folder whose files cannot be read (truncated, empty, missing)."""
+
+    def __init__(self, path: Path, reason: str):
+        super().__init__(f"checkpoint {path} is broken: {reason}")
+        self.path, self.reason = path, reason
+
+
 class CheckpointStore:
     def __init__(self, folder: str | Path, keep: int):
         self.folder, self.keep = Path(folder), keep
@@ -134,11 +142,40 @@ class CheckpointStore:
 
     @staticmethod
     def load(path: Path, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer) -> dict:
-        """Restores model, EMA (when given) and optimizer in place; returns ``state.json``."""
-        state = read_json(path / "state.json")
-        model.load_state_dict(load_file(path / "model.safetensors"), strict=True)
+        """Restores model, EMA (when given) and optimizer in place; returns ``state.json``. Every
+        file is read before anything is restored: a broken checkpoint raises BrokenCheckpoint and
+        leaves the model, EMA and optimizer as they were."""
+        try:
+            state = read_json(path / "state.json")
+            step, rest, _, _ = state["step"], state["optimizer"], state["history"], state["train_seconds"]
+            weights = load_file(path / "model.safetensors")
+            averaged = load_file(path / "ema.safetensors") if ema is not None else None
+            moments = load_file(path / "optimizer.safetensors")
+        except Exception as error:  # noqa: BLE001 - a truncated, empty or missing file, whichever way it fails
+            raise BrokenCheckpoint(path, " ".join(f"{type(error).__name__}: {error}".split())[:200]) from None
+        if not isinstance(step, int) or set(weights) != set(model.state_dict()):
+            raise BrokenCheckpoint(path, "its state.json or model.safetensors does not describe this model")
+        model.load_state_dict(weights, strict=True)
         if ema is not None:
-            ema.load_state_dict(load_file(path / "ema.safetensors"), strict=True)
-        optimizer.load_state_dict(_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]))
+            ema.load_state_dict(averaged, strict=True)
+        optimizer.load_state_dict(_optimizer_state(moments, rest))
         _match_layout(optimizer)
         return state
+
+    def resume(self, model: torch.nn.Module, ema: torch.nn.Module | None, optimizer: torch.optim.Optimizer,
+               main: bool = True) -> tuple[Path | None, dict | None]:  # fmt: skip
+        """Restores the newest checkpoint that loads; returns (its folder, its state.json), or
+        (None, None) to start afresh. Each broken one is reported with its path and, by the main
+        process, renamed ``broken-step-...`` (kept to look at, never tried or counted again)."""
+        broken = []
+        for path in reversed(self.all()):
+            try:
+                return path, self.load(path, model, ema, optimizer)
+            except BrokenCheckpoint as error:
+                log.warning("%s; resuming from the checkpoint before it", error)
+                broken.append(path)
+                if main:
+                    path.rename(path.with_name(f"broken-{path.name}"))
+        if broken:
+            log.warning("no checkpoint in %s loads: training starts afresh from step 0", self.folder)
+        return None, None

@@ -218,9 +218,8 @@ def train(
     # One fused kernel for the whole update on a GPU; on the CPU, PyTorch's default there (a tensor at a time, as before).
     optimizer = torch.optim.Adam(unet.parameters(), lr=objective_config.learning_rate, fused=on_gpu or None)
     history, first_step, seconds_before = LossHistory(num_train_timesteps), 0, 0.0
-    latest = checkpoints.latest() if checkpoints else None
+    latest, state = checkpoints.resume(unet, ema, optimizer, main) if checkpoints else (None, None)
     if latest is not None:  # resume: the same weights, EMA, optimizer state and loss curve
-        state = CheckpointStore.load(latest, unet, ema, optimizer)
         first_step, seconds_before = state["step"], state["train_seconds"]
         history.load_state_dict(state["history"])
         logging.getLogger("train").info("resuming from %s (step %d)", latest, first_step)
