@@ -453,6 +453,72 @@ def test_a_broken_checkpoint_is_named_and_training_resumes_from_the_newest_good_
     assert (run / f"broken-{kept[-1].name}").is_dir()  # kept to look at, never tried again
 
 
+# Two writers at once ------------------------------------------------------------------------
+
+
+@contextmanager
+def _held_by_another_process(lock_file):
+    """A process that holds ``lock_file`` as a stage does, until the block ends; yields its pid."""
+    import subprocess
+    import sys
+
+    code = ("import sys, time; from pathlib import Path; from selfperceptual.pipeline.io import hold_exclusively; "
+            "held = hold_exclusively(Path(sys.argv[1]), 'the test'); print('held', flush=True); time.sleep(600)")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", code, str(lock_file)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        yield holder.pid
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_dvc_cannot_write_a_stage_output_that_another_process_is_writing(repo, tmp_path):
+    """Snakemake's jobs and DVC's stages run the same stage commands, which lock their output: a
+    `dvc repro` beside a running Snakemake is refused that stage, naming the process, and writes
+    nothing; once that process has ended the same command runs."""
+    import subprocess
+    import sys
+
+    from workspace import copy_repository, run
+
+    copy = copy_repository(tmp_path / "repo", scale="smoke")
+    run([sys.executable, "-m", "selfperceptual.pipeline.dag", "--write", "dvc.yaml"], copy)
+    out = copy / "runs" / "smoke" / "corpus"
+    with _held_by_another_process(out.parent / ".corpus.lock") as pid:
+        refused = run([sys.executable, "-m", "dvc", "repro", "--single-item", "corpus"], copy, check=False)
+        said = refused.stdout + refused.stderr
+        assert refused.returncode != 0 and f"error: corpus: runs/smoke/corpus is being written by another process (pid {pid} on " in said, said[-3000:]
+        assert_nothing_written(out)
+    run([sys.executable, "-m", "dvc", "repro", "--single-item", "corpus"], copy)
+    assert (out / "laion.parquet").is_file()
+    assert subprocess.run(["git", "status", "--porcelain", "runs"], cwd=copy, capture_output=True, text=True).stdout == ""  # lock files stay out of git
+
+
+def test_two_processes_cannot_train_into_one_checkpoint_folder(capsys, repo, smoke_stages, tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    first = subprocess.Popen([sys.executable, "-m", "selfperceptual", "train", "--params", str(repo / "params.yaml"), "--scale", "smoke",
+                              "--out", str(tmp_path / "first"), "--data", str(smoke_stages / "encode"), "--init", str(smoke_stages / "base"),
+                              "--objective", "mse", "--conditioning", "text", "--checkpoints", str(tmp_path / "checkpoints")],
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not list((tmp_path / "checkpoints").glob("*/train.lock")) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        (lock,) = (tmp_path / "checkpoints").glob("*/train.lock")
+        code, message = _train(capsys, repo, smoke_stages, tmp_path, smoke_stages / "encode")  # the same settings, another --out
+        assert first.poll() is None, "the first training ended before the second was tried"
+        assert code == 1 and message.startswith(f"train: the checkpoints in {lock.parent} are being trained into by another process "
+                                                f"(pid {first.pid} on "), message  # fmt: skip
+        assert_nothing_written(tmp_path / "out")
+    finally:
+        first.kill()
+        first.wait()
+
+
 # Weights files from outside: none can run code, each is checked ------------------------------
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from . import distributed, stages, tracking
 from ..method.errors import InputError, MethodError
 from .config import ConfigView, ParamsError, load_params
-from .io import atomic_dir, console_copied_to, write_json
+from .io import Busy, atomic_dir, console_copied_to, hold_exclusively, write_json
 from .tracking import TrackingError
 
 STAGES = ("corpus", "filter", "download", "clip", "clip_embed", "aesthetic_train", "aesthetic", "base", "featnet", "encode", "train", "freeze",
@@ -94,6 +94,12 @@ def _run(args, argv) -> int:
     if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
         args.module.run(args, config, scale, None)
         return 0
+    try:  # one process writes a stage's output at a time (Snakemake and DVC run the same commands)
+        _held = hold_exclusively(args.out.parent / f".{args.out.name}.lock", f"{args.stage} --out {args.out}")  # until this returns
+    except Busy as busy:
+        print(f"error: {args.stage}: {args.out} is being written by another process ({busy.holder}); wait for it to end, "
+              "or stop it (two runs of the pipeline, e.g. Snakemake and dvc repro, at once?)", file=sys.stderr)
+        return 1
     try:
         with atomic_dir(args.out) as out:
             write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **resolved.model_dump()})

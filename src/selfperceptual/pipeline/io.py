@@ -227,3 +227,34 @@ def background_writes():
         yield lambda function, *args: futures.append(pool.submit(function, *args))
         for future in futures:
             future.result()
+
+
+class Busy(Exception):
+    """Another process holds the lock; ``holder`` is what it wrote there (pid, host, since, what)."""
+
+    def __init__(self, lock_file: Path, holder: str):
+        super().__init__(f"{lock_file} is held by {holder}")
+        self.lock_file, self.holder = lock_file, holder
+
+
+def hold_exclusively(lock_file: Path, what: str):
+    """Takes an exclusive lock on ``lock_file`` (flock: the kernel drops it when the process ends,
+    however it ends, so no stale lock survives a kill) and writes who holds it; returns the open
+    file, which holds the lock until it is closed or the process ends. Raises Busy, naming the
+    holder, when another process has it."""
+    import fcntl
+
+    lock_file.parent.mkdir(parents=True, exist_ok=True)
+    handle = open(lock_file, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise Busy(lock_file, holder) from None
+    handle.seek(0)
+    handle.truncate()
+    handle.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}: {what}\n")
+    handle.flush()
+    return handle

@@ -22,7 +22,7 @@ from ..config import TrainConfig, settings_affecting
 from ...method.device import peak_memory_mib, runtime
 from ..distributed import launch_command
 from ..experiments import peer_tags
-from ..io import read_json, write_json, write_series_csv
+from ..io import Busy, hold_exclusively, read_json, write_json, write_series_csv
 from ..sheets import sheet
 from ...method import objectives
 from ...method.errors import SettingError
@@ -154,7 +154,14 @@ def run(args, config, scale, out):
     # The inputs as they are now: a rerun of the stage that made one gives a new folder, so a changed
     # input never resumes from checkpoints trained on the old one (the paths alone would).
     settings["made"] = {str(path): _made(path) for path in (args.init, *inputs.values(), *args.data) if path}
-    store = CheckpointStore.for_execution(args.checkpoints / fingerprint(settings), config.train.keep_checkpoints)
+    configuration = args.checkpoints / fingerprint(settings)
+    if out is not None:  # one process of a launch trains into a configuration's checkpoints at a time
+        try:
+            _held = hold_exclusively(configuration / "train.lock", f"train --out {args.out}")  # until finished, or the process ends
+        except Busy as busy:
+            raise SystemExit(f"train: the checkpoints in {configuration} are being trained into by another process "
+                             f"({busy.holder}); wait for it to end, or stop it") from None
+    store = CheckpointStore.for_execution(configuration, config.train.keep_checkpoints)
     diverged = store.folder / DIVERGED
     if diverged.is_file():  # Snakemake's retries, or a rerun with the same settings: the same steps would diverge again
         raise SystemExit(f"{read_json(diverged)['message']} (found by an earlier attempt: {diverged}; change the settings, "
@@ -217,5 +224,6 @@ def run(args, config, scale, out):
         run_.end("FINISHED", metrics=metrics, series=history.series, images={"preview": (args.out / "preview.png", settings_of.num_steps)})
         run_.raise_if_failed()
         store.finish({"run_id": run_.run_id, "out": str(args.out), "steps": settings_of.num_steps})
+        _held.close()  # held until the execution is marked finished
 
     return report
