@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from snakemake.exceptions import WorkflowError
 
-from selfperceptual.pipeline import pulled, tracking, warm
+from selfperceptual.pipeline import driver, pulled, tracking, warm
 from selfperceptual.pipeline.cluster import CLUSTER_FILE, ClusterSettingsError, cluster_settings, read_cluster_file, retries, rule_resources
 from selfperceptual.pipeline.config import ParamsError, load_params
 from selfperceptual.pipeline.dag import PARAMS_FILE, build_stages, missing_external_inputs, param_values, render_dvc_yaml, run_dir
@@ -38,6 +38,13 @@ except (ParamsError, ClusterSettingsError) as error:
 MISSING = missing_external_inputs(CONFIG)
 if MISSING:
     raise WorkflowError(f"scale {SCALE!r} needs external inputs that are missing:\n  " + "\n  ".join(MISSING))
+
+# A run after one killed with SIGKILL needs no --unlock (src/selfperceptual/pipeline/driver.py).
+if workflow.is_main_process:
+    STALE = driver.remove_stale_locks()
+    if STALE:
+        print(STALE)
+    driver.note_graceful_stops()  # SIGTERM: say it stopped, not that a job failed
 
 # One id for every MLflow run of this execution (jobs on a cluster inherit it).
 os.environ.setdefault(tracking.EXECUTION_ENV, f"snakemake-{uuid.uuid4().hex[:12]}")
@@ -81,6 +88,7 @@ if CONFIG.authors:
 
 
 onstart:
+    driver.record()  # the driver that holds the locks now, for the next run to check
     tracking.prepare(SCALE)
     tracking.start_execution(SCALE, "snakemake")  # the run its stages' runs nest under
     WARM.append(warm.start(local=workflow.local_exec))
@@ -88,6 +96,10 @@ onstart:
 
 onerror:
     stop_warm()
+    if driver.stopped_without_failure():
+        tracking.end_execution(SCALE, "KILLED")
+        raise WorkflowError("Stopped by SIGTERM once the jobs that were running had finished; none failed. "
+                            "Run snakemake again to go on.")
     tracking.end_execution(SCALE, "FAILED")
 
 

@@ -727,8 +727,12 @@ def test_a_stage_stopped_halfway_leaves_no_output_nor_process_and_a_rerun_cleans
     assert (out / finished).is_file() and not list(tmp_path.glob(f".{name}.*partial"))
 
 
-def test_sigint_to_snakemake_keeps_finished_stages_and_a_rerun_goes_on(tmp_path):
-    """Ctrl-C while a job runs: Snakemake stops it; what finished before is kept and not redone."""
+@pytest.mark.parametrize("stop", ["Ctrl-C", "SIGTERM", "SIGKILL"])
+def test_a_stopped_snakemake_keeps_finished_stages_and_a_plain_rerun_goes_on(tmp_path, stop):
+    """Ctrl-C (SIGINT to the process group, pressed again while it runs), SIGTERM to the driver, or
+    SIGKILL to the whole group (the OOM killer, a session ending) while a job runs: what finished
+    before is kept and not redone, and `snakemake` with no flags goes on (profiles/default's
+    rerun-incomplete; after SIGKILL the locks the dead driver left are removed, saying so)."""
     import os
     import signal
     import subprocess
@@ -747,20 +751,33 @@ def test_sigint_to_snakemake_keeps_finished_stages_and_a_rerun_goes_on(tmp_path)
         assert snakemake.poll() is None and time.monotonic() < deadline, "the pipeline ended before it could be interrupted"
         time.sleep(0.05)
     finished = (runs / "filter" / "params.json").stat().st_mtime_ns
-    for _ in range(5):  # what Ctrl-C does: the whole foreground process group; pressed again while it runs
-        os.killpg(snakemake.pid, signal.SIGINT)  # (Snakemake's log handler drops a KeyboardInterrupt raised while it writes)
-        try:
-            snakemake.communicate(timeout=3)
-            break
-        except subprocess.TimeoutExpired:
-            pass
-    snakemake.communicate(timeout=120)
+    if stop == "Ctrl-C":
+        for _ in range(5):  # what Ctrl-C does: the whole foreground process group; pressed again while it runs
+            os.killpg(snakemake.pid, signal.SIGINT)  # (Snakemake's log handler drops a KeyboardInterrupt raised while it writes)
+            try:
+                snakemake.communicate(timeout=3)
+                break
+            except subprocess.TimeoutExpired:
+                pass
+    elif stop == "SIGTERM":
+        snakemake.send_signal(signal.SIGTERM)
+    else:
+        os.killpg(snakemake.pid, signal.SIGKILL)
+    output = snakemake.communicate(timeout=120)[0]
     assert snakemake.returncode != 0
+    if stop == "SIGKILL":
+        assert list((copy / ".snakemake" / "locks").glob("*.lock")), "the killed driver left no lock to remove"
+    if stop == "SIGTERM":  # it let the running job finish, and says so rather than that a job failed
+        assert "Stopped by SIGTERM once the jobs that were running had finished; none failed" in output, output[-3000:]
+        assert "At least one job did not complete successfully" not in output and (runs / "download" / "stats.json").is_file()
     assert not (runs / "download").exists() or (runs / "download" / "stats.json").is_file()  # none, or a whole one
     again = run([sys.executable, "-m", "snakemake", *target], copy)
+    said = again.stdout + again.stderr
     assert (runs / "base" / "pipeline" / "model_index.json").is_file()
     assert (runs / "filter" / "params.json").stat().st_mtime_ns == finished  # not redone
-    assert not list(runs.glob(".*partial")), again.stdout[-2000:]
+    assert not list(runs.glob(".*partial")), said[-2000:]
+    assert ("Removed the locks of the Snakemake run" in said) == (stop == "SIGKILL"), said[-3000:]
+    assert not list((copy / ".snakemake" / "locks").glob("*.lock"))
 
 
 @pytest.fixture

@@ -211,12 +211,12 @@ def differences(env: dict[str, str], server_env: dict[str, str]) -> list[str]:
     return sorted(key for key in keys if env.get(key) != server_env.get(key))
 
 
-def serve(path: str, server_env: dict[str, str], imported_env: dict[str, str]) -> None:
-    """Accepts commands at ``path`` until SIGTERM or its parent's exit, forking one process per
-    command; then waits for the stages it started. A command is served when its environment is
-    ``server_env`` (the one the server started with) but for the settings ``differences`` leaves
-    out; its fork has the command's environment plus ``imported_env``, what the imports set."""
-    parent = os.getppid()
+def serve(path: str, server_env: dict[str, str], imported_env: dict[str, str], parent: int) -> None:
+    """Accepts commands at ``path`` until SIGTERM or the exit of ``parent`` (the pipeline's driver),
+    forking one process per command; then waits for the stages it started. A command is served when
+    its environment is ``server_env`` (the one the server started with) but for the settings
+    ``differences`` leaves out; its fork has the command's environment plus ``imported_env``, what
+    the imports set."""
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     listener.bind(path + ".new")
     listener.listen(64)
@@ -240,7 +240,10 @@ def serve(path: str, server_env: dict[str, str], imported_env: dict[str, str]) -
             while running:
                 try:
                     pid, wait_status = os.waitpid(-1, os.WNOHANG)
-                except ChildProcessError:
+                except ChildProcessError:  # no child at all: the stages still listed have ended and been reaped
+                    for connection in running.values():
+                        connection.close()
+                    running.clear()
                     break
                 if not pid or pid not in running:
                     break
@@ -408,6 +411,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--run"]:
         sys.exit(run_with_server(sys.argv[2:]))
     path = sys.argv[1]
+    parent = os.getppid()  # before the imports: a parent killed while they run is noticed too
     started = time.monotonic()
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # as python -m selfperceptual sets it
     server_env = dict(os.environ)
@@ -416,7 +420,7 @@ def main() -> None:
     log.info("stage server ready at %s (%.1f s of imports)", path, time.monotonic() - started)
     logging.getLogger().handlers.clear()  # a stage configures its own logging, as a new process does
     try:
-        serve(path, server_env, imported_env)
+        serve(path, server_env, imported_env, parent)
     except _Stage as stage:
         run_stage(stage.argv)
 
