@@ -122,8 +122,7 @@ def test_a_tracking_failure_keeps_the_trained_model_and_a_rerun_only_reports(smo
     out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
     command = _train_command(runs, out, checkpoints, "--set", "train.mse.num_steps=10")
     unreachable = f"http://127.0.0.1:{_closed_port()}"
-    code, output = _finish(_start(command, tmp_path, MLFLOW_TRACKING_URI=unreachable, MLFLOW_HTTP_REQUEST_MAX_RETRIES="0",
-                                  MLFLOW_HTTP_REQUEST_TIMEOUT="5"))
+    code, output = _finish(_start(command, tmp_path, MLFLOW_TRACKING_URI=unreachable))  # MLflow's HTTP settings as tracking.py sets them
     assert code == 3, output[-3000:]
     assert f"error: MLflow tracking at {unreachable} failed" in output
     assert (out / UNET_FILE).is_file() and (out / "loss_curve.json").is_file() and (out / "metrics.json").is_file()
@@ -146,6 +145,57 @@ def test_a_tracking_failure_keeps_the_trained_model_and_a_rerun_only_reports(smo
     first = next(r for r in runs_now if r.info.run_id == run.info.run_id)
     assert len(runs_now) == 2 and first.info.end_time == run.info.end_time and all(r.info.status == "FINISHED" for r in runs_now)
     assert [path.name for path in checkpoints.glob("*/run-*")] == ["run-2"]
+
+
+def test_a_tracking_server_that_never_answers_costs_seconds_not_minutes(smoke_stages, tmp_path):
+    """A server that accepts connections and never answers: MLflow's defaults (7 retries, backoff
+    factor 2, 120 s a request) held training for minutes; tracking.py's give up in seconds, once,
+    and the stage finishes its outputs, then exits 3 to be run again to report."""
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    silent = socket.socket()
+    silent.bind(("127.0.0.1", 0))
+    silent.listen(64)
+    try:
+        started = time.monotonic()
+        code, output = _finish(_start(_train_command(smoke_stages, out, checkpoints, "--set", "train.mse.num_steps=10"), tmp_path,
+                                      MLFLOW_TRACKING_URI=f"http://127.0.0.1:{silent.getsockname()[1]}"))  # fmt: skip
+        seconds = time.monotonic() - started
+    finally:
+        silent.close()
+    assert code == 3 and "error: MLflow tracking at http://127.0.0.1:" in output, output[-3000:]
+    assert (out / UNET_FILE).is_file() and (out / "metrics.json").is_file()
+    assert seconds < 150, f"{seconds:.0f} s: the silent server held the stage for minutes"  # one try of 3 x 5 s, not 7 x 120 s
+
+
+def test_a_run_the_tracking_store_lost_is_replaced_by_a_new_one(smoke_stages, tmp_path):
+    """The store made anew at the same address (mlflow.db deleted for a clean start): a stopped
+    training resumes in a new run tagged with the old id, and a finished stage runs again too."""
+    import shutil
+
+    out, checkpoints = tmp_path / "out", tmp_path / "checkpoints"
+    command = _train_command(smoke_stages, out, checkpoints, "--set", "train.mse.num_steps=10")
+
+    def train_runs(read: str):  # from a copy: MLflow keeps one engine per URI, open on a deleted file's inode
+        (tmp_path / read).mkdir()
+        shutil.copy(tmp_path / "mlflow.db", tmp_path / read / "mlflow.db")
+        return _train_runs(tmp_path / read)[2]
+
+    assert _finish(_start(command, tmp_path))[0] == 0
+    (first,) = train_runs("first")
+    (finished,) = checkpoints.glob("*/run-1/finished.json")
+    finished.unlink()  # as if stopped after its last checkpoint
+    (tmp_path / "mlflow.db").unlink()
+    code, output = _finish(_start(command, tmp_path))
+    assert code == 0, output[-3000:]
+    assert f"the MLflow run {first.info.run_id} these checkpoints were trained under is not in the store" in output
+    (second,) = train_runs("second")
+    assert second.data.tags["replaces_run_id"] == first.info.run_id and second.info.status == "FINISHED"
+    assert json.loads((out / "metrics.json").read_text())["resumed_from_step"] == 10
+    (tmp_path / "mlflow.db").unlink()  # and once more, now that the stage has finished
+    code, output = _finish(_start(command, tmp_path))
+    assert code == 0, output[-3000:]
+    (third,) = train_runs("third")
+    assert third.info.status == "FINISHED" and "replaces_run_id" not in third.data.tags
 
 
 def test_a_frozen_network_of_another_model_is_refused_naming_both(tmp_path, tiny_unet, smoke_config):

@@ -28,6 +28,13 @@ from .io import read_json, write_json
 
 EXECUTION_ENV = "SP_PIPELINE_EXECUTION"  # groups the runs of one pipeline execution
 RETRY_SECONDS = 120
+# A tracking server that does not answer costs seconds, not minutes: MLflow's own defaults (7
+# retries with backoff factor 2, 120 s per request) held a training about 4 minutes before its
+# first step. After the first failure a stage's run stops calling the server; the stage finishes
+# its outputs and exits 3, and running it again reports them. Set these variables to change it.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1", "MLFLOW_HTTP_REQUEST_TIMEOUT": "5"}
+for _key, _value in HTTP_DEFAULTS.items():
+    os.environ.setdefault(_key, _value)
 # MLflow's UI opens an experiment of this kind on its runs, not on the GenAI traces overview.
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 
@@ -339,11 +346,18 @@ class LiveRun:
             self._client = _client()
             self.experiment_id = prepare(scale)
             resumed = saved.get("tracking_uri") == tracking_uri() and bool(saved.get("run_id"))
+            replaced = None
+            if resumed and not self._exists(saved["run_id"]):  # the store was made anew at the same address
+                resumed, replaced = False, saved["run_id"]
             if resumed:
                 self.run_id = saved["run_id"]
                 _retry(self._client.update_run, self.run_id, status="RUNNING")
             else:
-                self.run_id = _create_run(self._client, scale, stage, tags)
+                self.run_id = _create_run(self._client, scale, stage, {**tags, **({"replaces_run_id": replaced} if replaced else {})})
+                if replaced:
+                    logging.getLogger("tracking").warning(
+                        "the MLflow run %s these checkpoints were trained under is not in the store at %s (made anew since?); "
+                        "training goes on in a new run, %s, tagged replaces_run_id", replaced, tracking_uri(), self.run_id)
                 _log_batches(self._client, self.run_id, [], params)
                 if state_file is not None:
                     write_json(state_file, {"run_id": self.run_id, "tracking_uri": tracking_uri()})
@@ -384,6 +398,15 @@ class LiveRun:
 
         self._call(record)
         return found[0] if found else None
+
+    def _exists(self, run_id: str) -> bool:
+        try:
+            _retry(self._client.get_run, run_id)
+        except Exception as error:
+            if getattr(error, "error_code", "") == "RESOURCE_DOES_NOT_EXIST":
+                return False
+            raise
+        return True
 
     def _watch_system(self, resumed: bool) -> None:
         """MLflow's system metrics while the run trains (``system/...``: CPU, memory, disk, network,
