@@ -334,6 +334,118 @@ def test_a_truncated_latent_shard_stops_training_before_the_first_step(capsys, r
     assert not list((tmp_path / "checkpoints").glob("*/run-*/step-*"))
 
 
+# External files in the paper's formats, malformed -------------------------------------------
+
+
+def _external_inputs(rehearsal_inputs, tmp_path):
+    """A copy of the rehearsal's LAION parquet, COCO captions and images, to break one at a time."""
+    import shutil
+
+    folder = tmp_path / "external"
+    shutil.copytree(rehearsal_inputs / "coco", folder / "coco")
+    shutil.copy(rehearsal_inputs / "laion" / "metadata.parquet", folder / "metadata.parquet")
+    return {"laion_parquet": folder / "metadata.parquet", "coco_captions": folder / "coco" / "annotations" / "captions_val2014.json",
+            "coco_images": folder / "coco" / "val2014"}  # fmt: skip
+
+
+def _break(case, files):
+    """Breaks one file; returns the start of the message after "corpus: "."""
+    laion, captions, images = files["laion_parquet"], files["coco_captions"], files["coco_images"]
+    if case == "a parquet that is really a CSV":
+        pd.read_parquet(laion).to_csv(laion, index=False)
+        return f"corpus.laion_parquet: {laion}: not a parquet file ("
+    if case == "lower-case LAION columns":
+        rows = pd.read_parquet(laion)
+        rows.rename(columns=str.lower).to_parquet(laion, index=False)
+        return f"corpus.laion_parquet: {laion}: missing the LAION column(s) URL, TEXT, WIDTH, HEIGHT, AESTHETIC_SCORE; it has url, text, "
+    if case == "truncated COCO captions":
+        captions.write_text(captions.read_text()[:500])
+        return f"corpus.coco_captions: {captions}: not valid JSON (line 1, column "
+    if case == "COCO captions that are not JSON":
+        captions.write_bytes(bytes(range(256)))
+        return f"corpus.coco_captions: {captions}: not "
+    if case == "an annotation of an unknown image":
+        document = json.loads(captions.read_text())
+        document["annotations"][0]["image_id"] = 999999999
+        captions.write_text(json.dumps(document))
+        return f"corpus.coco_captions: {captions}: an annotation names image_id 999999999, which its 'images' does not list"
+    if case == "a COCO image missing on disk":
+        first = json.loads(captions.read_text())["annotations"][0]["image_id"]
+        name = next(image["file_name"] for image in json.loads(captions.read_text())["images"] if image["id"] == first)
+        (images / name).unlink()
+        return f"corpus.coco_images: {images}: 1 of the images the captions name are not there, e.g. {name}"
+    raise AssertionError(case)
+
+
+EXTERNAL_CASES = ["a parquet that is really a CSV", "lower-case LAION columns", "truncated COCO captions", "COCO captions that are not JSON",
+                  "an annotation of an unknown image", "a COCO image missing on disk"]  # fmt: skip
+
+
+def _corpus(capsys, repo, files, out, *extra):
+    overrides = ["corpus.source=external", *(f"corpus.{key}={path}" for key, path in files.items()), *extra]
+    return stage(capsys, repo, "corpus", out, *(f"--set={o}" for o in overrides))
+
+
+@pytest.mark.parametrize("case", EXTERNAL_CASES)
+def test_a_malformed_external_file_is_named_in_one_line(capsys, repo, rehearsal_inputs, tmp_path, case):
+    files = _external_inputs(rehearsal_inputs, tmp_path)
+    expected = _break(case, files)
+    code, first = _corpus(capsys, repo, files, tmp_path / "corpus", "corpus.num_eval_captions=8")
+    assert code == 1 and first.startswith(f"corpus: {expected}"), first
+    assert_nothing_written(tmp_path / "corpus")
+
+
+def test_fewer_coco_captions_than_asked_are_used_with_a_warning(capsys, caplog, repo, rehearsal_inputs, tmp_path):
+    files = _external_inputs(rehearsal_inputs, tmp_path)
+    available = len(json.loads(files["coco_captions"].read_text())["annotations"])
+    with caplog.at_level("WARNING"):
+        code, first = _corpus(capsys, repo, files, tmp_path / "corpus", f"corpus.num_eval_captions={available + 5}")
+    assert code == 0, first
+    assert f"holds {available} captions, fewer than corpus.num_eval_captions = {available + 5}" in caplog.text
+    summary = json.loads((tmp_path / "corpus" / "summary.json").read_text())
+    assert summary["eval_rows"] == available < summary["eval_captions_asked"]
+
+
+def test_nan_scores_are_counted_under_their_own_name_and_empty_metadata_is_named(capsys, caplog, repo, tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    rows = pd.DataFrame([{**ROW, "URL": f"images/{i}.jpg", "AESTHETIC_SCORE": float("nan") if i < 3 else 7.0} for i in range(10)])
+    rows.to_parquet(corpus / "laion.parquet", index=False)
+    with caplog.at_level("WARNING"):
+        code, first = stage(capsys, repo, "filter", tmp_path / "filter", "--corpus", corpus)
+    assert code == 0, first
+    stats = json.loads((tmp_path / "filter" / "stats.json").read_text())
+    assert stats["removed_by"]["missing_AESTHETIC_SCORE"] == 3 and stats["removed_by"]["aesthetic"] == 0 and stats["rows_kept"] == 7
+    assert "3 of 10 rows have no AESTHETIC_SCORE (NaN)" in caplog.text
+    rows.iloc[:0].to_parquet(corpus / "laion.parquet", index=False)
+    code, first = stage(capsys, repo, "filter", tmp_path / "empty", "--corpus", corpus)
+    assert code == 1 and first.startswith(f"filter: {corpus / 'laion.parquet'} has no rows: the metadata is empty"), first
+
+
+def test_a_download_that_loses_most_urls_warns(capsys, caplog, repo, tmp_path):
+    (tmp_path / "images").mkdir()
+    Image.new("RGB", (64, 48), (30, 160, 60)).save(tmp_path / "images" / "good.jpg")
+    (tmp_path / "filter").mkdir()
+    with serve(tmp_path / "images") as url:
+        urls = [f"{url}/good.jpg"] + [f"{url}/dead{i}.jpg" for i in range(9)]
+        pd.DataFrame([{**ROW, "URL": u, "TEXT": f"case {i}"} for i, u in enumerate(urls)]).to_parquet(tmp_path / "filter" / "kept.parquet", index=False)
+        with caplog.at_level("WARNING"):
+            code, first = stage(capsys, repo, "download", tmp_path / "download", "--filtered", tmp_path / "filter", "--corpus", tmp_path)
+    assert code == 0, first
+    assert "download: 90% of the URLs could not be fetched (9 of 10;" in caplog.text and "trains on 1 images" in caplog.text
+
+
+def test_a_base_model_folder_without_its_unet_is_named(capsys, repo, rehearsal_inputs, tmp_path):
+    import shutil
+
+    model = tmp_path / "sd21-base"
+    shutil.copytree(rehearsal_inputs / "sd21-base", model)
+    shutil.rmtree(model / "unet")
+    code, first = stage(capsys, repo, "base", tmp_path / "base", f"--set=base.pretrained={model}")
+    assert code == 1 and first == f"base.pretrained: {model}: model_index.json names unet/, which the folder lacks (an incomplete download?)"
+    assert_nothing_written(tmp_path / "base")
+
+
 # Training that diverges, and models and latents that are not finite --------------------------
 
 

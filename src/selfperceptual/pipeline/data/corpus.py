@@ -12,6 +12,7 @@ images for the FID reference) and ``featnet`` (labelled images to train the feat
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, ImageDraw, ImageFilter
 
+log = logging.getLogger("corpus")
 LAION_COLUMNS = ["URL", "TEXT", "WIDTH", "HEIGHT", "AESTHETIC_SCORE", "punsafe", "pwatermark"]
 SHAPES = ("circle", "square", "triangle", "diamond")
 COLORS = {
@@ -153,30 +155,71 @@ def build_synthetic(config, resolution: int, out: Path) -> dict:
     return {"source": "synthetic", "train_rows": len(train), **{f"{k}_rows": v for k, v in splits.items()}}
 
 
+class ExternalFileError(ValueError):
+    """An external input (LAION metadata, COCO captions or images) that is not what its format says;
+    the message names the setting, the file and what is wrong in it, in one line."""
+
+
+def read_laion(path: str | Path) -> pd.DataFrame:
+    """LAION-Aesthetics metadata: a parquet file with the LAION columns (``LAION_COLUMNS``), named as LAION names them."""
+    try:
+        laion = pd.read_parquet(path)
+    except Exception as error:  # noqa: BLE001 - pyarrow's ArrowInvalid, OSError, ... by what the file is
+        reason = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ExternalFileError(f"corpus.laion_parquet: {path}: not a parquet file ({reason})") from None
+    absent = [column for column in LAION_COLUMNS if column not in laion.columns]
+    if absent:
+        other_case = [str(column) for column in laion.columns if str(column).upper() in map(str.upper, absent)]
+        hint = f"; it has {', '.join(other_case)}: rename them as LAION names them" if other_case else f" (it has {', '.join(map(str, laion.columns))})"
+        raise ExternalFileError(f"corpus.laion_parquet: {path}: missing the LAION column(s) {', '.join(absent)}{hint}")
+    return laion
+
+
+def read_coco_captions(path: str | Path, count: int, images: Path) -> tuple[list[str], list[str]]:
+    """The first ``count`` captions of an MSCOCO captions file and their image files under ``images``
+    (each checked to be there). Fewer captions than ``count`` are taken, with a warning."""
+    setting = "corpus.coco_captions"
+    try:
+        coco = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ExternalFileError(f"{setting}: {path}: not valid JSON (line {error.lineno}, column {error.colno}: {error.msg}); "
+                                "a truncated download?") from None  # fmt: skip
+    except UnicodeDecodeError:
+        raise ExternalFileError(f"{setting}: {path}: not a text file (COCO's captions_val2014.json is JSON)") from None
+    if not isinstance(coco, dict) or not isinstance(coco.get("images"), list) or not isinstance(coco.get("annotations"), list):
+        raise ExternalFileError(f"{setting}: {path}: not an MSCOCO captions file (it needs the lists 'images' and 'annotations')")
+    try:
+        files = {image["id"]: image["file_name"] for image in coco["images"]}
+        annotations = [(a["caption"].strip(), a["image_id"]) for a in coco["annotations"][:count]]
+    except (KeyError, TypeError, AttributeError) as error:
+        raise ExternalFileError(f"{setting}: {path}: an image or annotation lacks {error} (COCO's id, file_name, image_id, caption)") from None
+    unknown = next((image_id for _, image_id in annotations if image_id not in files), None)
+    if unknown is not None:
+        raise ExternalFileError(f"{setting}: {path}: an annotation names image_id {unknown!r}, which its 'images' does not list")
+    if len(annotations) < count:
+        log.warning("corpus.coco_captions: %s holds %d captions, fewer than corpus.num_eval_captions = %d: "
+                    "the evaluation uses those %d", path, len(annotations), count, len(annotations))  # fmt: skip
+    paths = [str(images / files[image_id]) for _, image_id in annotations]
+    missing = [p for p in dict.fromkeys(paths) if not Path(p).is_file()]
+    if missing:
+        raise ExternalFileError(f"corpus.coco_images: {images}: {len(missing)} of the images the captions name are not there, "
+                                f"e.g. {Path(missing[0]).name}")  # fmt: skip
+    return [caption for caption, _ in annotations], paths
+
+
 def import_external(config, out: Path) -> dict:
     """The paper scale: LAION metadata as given, and the first N MSCOCO-2014 val captions."""
     missing = [name for name in ("laion_parquet", "coco_captions", "coco_images") if not getattr(config, name)]
     if missing:
-        raise ValueError(f"corpus.source is 'external' but corpus.{', corpus.'.join(missing)} is not set")
+        raise ExternalFileError(f"corpus.source is 'external' but corpus.{', corpus.'.join(missing)} is not set")
     for name in ("laion_parquet", "coco_captions", "coco_images"):
         if not Path(getattr(config, name)).exists():
-            raise FileNotFoundError(f"corpus.{name}: {getattr(config, name)} does not exist")
-    laion = pd.read_parquet(config.laion_parquet)
-    absent = [c for c in LAION_COLUMNS if c not in laion.columns]
-    if absent:
-        raise ValueError(f"{config.laion_parquet} lacks the LAION columns {absent}")
+            raise ExternalFileError(f"corpus.{name}: {getattr(config, name)} does not exist")
+    laion = read_laion(config.laion_parquet)
     laion[LAION_COLUMNS].to_parquet(out / "laion.parquet", index=False)
-    coco = json.loads(Path(config.coco_captions).read_text())
-    files = {image["id"]: image["file_name"] for image in coco["images"]}
-    annotations = coco["annotations"][: config.num_eval_captions]
-    coco_dir = Path(config.coco_images).resolve()
-    evaluation = pd.DataFrame(
-        {
-            "caption": [a["caption"].strip() for a in annotations],
-            "label": -1,
-            "image": [str(coco_dir / files[a["image_id"]]) for a in annotations],
-        }
-    )
+    captions, images = read_coco_captions(config.coco_captions, config.num_eval_captions, Path(config.coco_images).resolve())
+    evaluation = pd.DataFrame({"caption": captions, "label": -1, "image": images})
     evaluation.to_parquet(out / "eval.parquet", index=False)
     pd.DataFrame(columns=["caption", "label", "image"]).to_parquet(out / "featnet.parquet", index=False)
-    return {"source": "external", "train_rows": len(laion), "eval_rows": len(evaluation), "featnet_rows": 0}
+    return {"source": "external", "train_rows": len(laion), "eval_rows": len(evaluation), "eval_captions_asked": config.num_eval_captions,
+            "featnet_rows": 0}

@@ -37,17 +37,21 @@ def filter_rows(rows: pd.DataFrame, config) -> tuple[pd.DataFrame, dict]:
     """Keeps rows that pass every condition; counts how many rows each condition removes.
 
     A row failing several conditions is counted under each of them, so the per-condition counts
-    can add up to more than the rows removed.
+    can add up to more than the rows removed. A number the metadata lacks (NaN) is counted under
+    its own name (``missing_<column>``), never as a removal by that column's threshold.
     """
-    conditions = {
-        "missing_url_or_text": rows["URL"].notna() & rows["TEXT"].notna(),
-        "aesthetic": rows["AESTHETIC_SCORE"] > config.min_aesthetic,
-        "min_side": rows[["WIDTH", "HEIGHT"]].min(axis=1) > config.min_side,
-    }
+    limits = {"AESTHETIC_SCORE": ("aesthetic", lambda v: v > config.min_aesthetic), "WIDTH": ("min_side", lambda v: v > config.min_side),
+              "HEIGHT": ("min_side", lambda v: v > config.min_side)}  # fmt: skip
     if config.max_punsafe is not None:
-        conditions["punsafe"] = rows["punsafe"] <= config.max_punsafe
+        limits["punsafe"] = ("punsafe", lambda v: v <= config.max_punsafe)
     if config.max_pwatermark is not None:
-        conditions["pwatermark"] = rows["pwatermark"] <= config.max_pwatermark
+        limits["pwatermark"] = ("pwatermark", lambda v: v <= config.max_pwatermark)
+    conditions = {"missing_url_or_text": rows["URL"].notna() & rows["TEXT"].notna()}
+    for column in limits:
+        conditions[f"missing_{column}"] = rows[column].notna()
+    for column, (name, passes) in limits.items():
+        passed = passes(rows[column]) | rows[column].isna()
+        conditions[name] = conditions[name] & passed if name in conditions else passed
     keep = pd.concat(conditions, axis=1).all(axis=1)
     stats = {
         "rows_in": len(rows),

@@ -8,6 +8,7 @@ UNet2DConditionModel. Either way the scheduler is replaced by the paper's DDIM.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 
@@ -98,13 +99,35 @@ def build_tiny(settings, resolution: int, images_dirs: list[Path]) -> dict:
     }
 
 
+def check_pipeline_folder(path: str) -> None:
+    """A local ``base.pretrained`` folder holds model_index.json and every component it names."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return  # a hub id, found in the Hugging Face cache
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise SystemExit(f"base.pretrained: {folder}: no model_index.json; is it a diffusers pipeline folder "
+                         "(hf download stabilityai/stable-diffusion-2-1-base --local-dir ...)?")  # fmt: skip
+    try:
+        named = json.loads(index.read_text())
+    except json.JSONDecodeError as error:
+        raise SystemExit(f"base.pretrained: {index}: not valid JSON ({error.msg}, line {error.lineno})") from None
+    components = [name for name, value in named.items() if not name.startswith("_") and isinstance(value, list) and value[0]]
+    missing = [name for name in components if not (folder / name).is_dir()]
+    if missing:
+        raise SystemExit(f"base.pretrained: {folder}: model_index.json names {', '.join(f'{name}/' for name in missing)}, "
+                         "which the folder lacks (an incomplete download?)")  # fmt: skip
+
+
 def run(args, config, scale, out) -> None:
     if config.base.pretrained:
         log.info("base: loading %s", config.base.pretrained)
+        check_pipeline_folder(config.base.pretrained)
         try:
             source = load_pipeline(config.base.pretrained)
         except (OSError, ValueError) as error:
-            raise SystemExit(f"base.pretrained: cannot load {config.base.pretrained!r}: {error}") from error
+            reason = " ".join(str(error).split())
+            raise SystemExit(f"base.pretrained: cannot load {config.base.pretrained!r}: {reason}") from error
         components = (source.vae, source.text_encoder, source.tokenizer, source.unet)
         summary = {"pretrained": config.base.pretrained}
     else:

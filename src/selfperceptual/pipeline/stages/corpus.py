@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 
-from ..data.corpus import build_synthetic, import_external
+from ..data.corpus import ExternalFileError, build_synthetic, import_external
 from ..io import write_json
 
 log = logging.getLogger("corpus")
@@ -19,6 +19,9 @@ def run(args, config, scale, out) -> None:
     if config.corpus.source == "synthetic":
         summary = build_synthetic(config.corpus, config.download.resolution, out)
     else:
-        summary = import_external(config.corpus, out)
+        try:
+            summary = import_external(config.corpus, out)
+        except ExternalFileError as error:
+            raise SystemExit(f"corpus: {error}") from None
     write_json(out / "summary.json", summary)
     log.info("corpus: %s", summary)

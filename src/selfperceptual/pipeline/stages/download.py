@@ -90,6 +90,7 @@ def add_arguments(parser) -> None:
 
 
 WEB = ("http", "https")
+DEAD_URL_WARNING = 0.3  # above this share of URLs not fetched, the stage warns: the training set shrinks
 LOCAL_PATH = "a local path"  # how a URL without a scheme is counted when refused
 
 
@@ -244,6 +245,11 @@ def run(args, config, scale, out) -> None:
     log.info("download %d/%d: %d of %d written; failures: %s", index, count, stats["written"], stats["count"], stats["errors"])
     if stats["fetched_not_written"]:
         log.warning("download: %d samples were fetched but not written to the shards", stats["fetched_not_written"])
+    dead = stats["failed_to_download"] / stats["count"] if stats["count"] else 0.0
+    if dead > DEAD_URL_WARNING:
+        log.warning("download: %.0f%% of the URLs could not be fetched (%d of %d; LAION's links decay, a share above %.0f%% "
+                    "suggests the network or a proxy): the experiment trains on %d images", 100 * dead, stats["failed_to_download"],
+                    stats["count"], 100 * DEAD_URL_WARNING, stats["written"])  # fmt: skip
     if stats["written"] == 0:
         raise SystemExit(
             f"download: the shards hold no sample ({stats['successes']} of {stats['count']} fetched; failures: {stats['errors']})"

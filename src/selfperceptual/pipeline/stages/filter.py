@@ -25,9 +25,15 @@ def run(args, config, scale, out) -> None:
         check_schema(rows, config.filter, source)
     except MetadataError as error:
         raise SystemExit(f"filter: {error}") from None
+    if rows.empty:
+        raise SystemExit(f"filter: {source} has no rows: the metadata is empty (the corpus stage copied it from corpus.laion_parquet)")
     kept, stats = filter_rows(rows, config.filter)
     write_json(out / "stats.json", stats)
     log.info("filter: %s", stats)
+    for name, count in stats["removed_by"].items():
+        if name.startswith("missing_") and name != "missing_url_or_text" and count:
+            log.warning("filter: %d of %d rows have no %s (NaN): removed, and counted as %s, not by its threshold",
+                        count, len(rows), name.removeprefix("missing_"), name)  # fmt: skip
     if kept.empty:
         raise SystemExit(
             f"filter: no rows pass (removed by condition: {stats['removed_by']}); "
