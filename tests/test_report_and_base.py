@@ -130,3 +130,25 @@ def test_layout_distances_put_sp_near_mse_cfg_further_and_unrelated_samples_furt
     name, title, legend = layout_figure(found, tmp_path / "layout.png")
     assert Image.open(tmp_path / name).size[0] > 400 and "Layout" in title and "same seed and caption" in legend
     assert layout_distances({row: runs[row] for row in ("mse_s25", "sp_s25")}, resamples=100) is None
+
+
+def test_the_report_states_what_shrank_the_experiment(tmp_path):
+    """Fewer COCO captions than asked, LAION rows without a score, and a download that lost over
+    30% of its URLs (over its parts) are warnings at the top of the report; clean records give none."""
+    import json
+
+    from selfperceptual.pipeline.stages.report import data_warnings
+
+    def folder(name, file, record):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / file).write_text(json.dumps(record))
+        return tmp_path / name
+
+    corpus = folder("corpus", "summary.json", {"source": "external", "eval_rows": 40, "eval_captions_asked": 100})
+    filtered = folder("filter", "stats.json", {"rows_in": 10, "rows_kept": 5, "removed_by": {"missing_url_or_text": 1, "missing_AESTHETIC_SCORE": 3, "aesthetic": 1}})
+    parts = [folder(f"download_part{i}", "stats.json", {"count": 10, "failed_to_download": dead, "written": 10 - dead}) for i, dead in enumerate((2, 6))]
+    said = data_warnings([corpus, filtered, *parts])
+    assert said == ["The evaluation uses 40 COCO captions, fewer than the 100 asked (corpus.num_eval_captions).",
+                    "3 of 10 LAION rows have no AESTHETIC_SCORE (NaN) and were removed.",
+                    "40% of the URLs could not be fetched (8 of 20): the models train on 12 images."]  # fmt: skip
+    assert data_warnings([parts[0]]) == [] and data_warnings([]) == []

@@ -150,7 +150,8 @@ def build_stages(config) -> list[Stage]:
     stages.append(_stage("figures", "figures", figures))
     report = _stage(
         "report", "report",
-        {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS], "aesthetic": ["aesthetic"]},
+        {"evaluation": evaluations, "featnet": ["featnet"], "figures": ["figures"], "training": [peer.training for peer in PEERS], "aesthetic": ["aesthetic"],
+         "data": ["corpus", "filter", *_names(downloads)]},
         f"--paper-results {PAPER_RESULTS}",
     )  # fmt: skip
     stages.append(replace(report, deps=(*report.deps, PAPER_RESULTS)))

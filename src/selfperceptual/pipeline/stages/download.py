@@ -75,6 +75,7 @@ class _EightBitDecoding:
 if not isinstance(img2dataset_resizer.cv2, _EightBitDecoding):  # the stage's process and each worker img2dataset spawns
     img2dataset_resizer.cv2 = _EightBitDecoding(img2dataset_resizer.cv2)
 
+from ..data import DEAD_URL_WARNING
 from ..data.shards import count_samples
 from ..io import read_json, write_json
 from ..split import add_part_argument, block, checked_part
@@ -90,7 +91,6 @@ def add_arguments(parser) -> None:
 
 
 WEB = ("http", "https")
-DEAD_URL_WARNING = 0.3  # above this share of URLs not fetched, the stage warns: the training set shrinks
 LOCAL_PATH = "a local path"  # how a URL without a scheme is counted when refused
 
 

@@ -18,6 +18,7 @@ from ..claims import CONTRADICTED, NOT_EVALUATED, SUPPORTED, UNRESOLVED, Evidenc
 from ..document import Document, Links, Marked, Section, to_html, to_markdown, write_tables
 from ..experiments import PEERS, TABLES, TRAIN_RUNS, row_label, unseeded
 from ..intervals import over_seeds, resample_mean
+from ..data import DEAD_URL_WARNING
 from ..io import SavedArrays, read_json, write_json
 
 log = logging.getLogger("report")
@@ -31,6 +32,8 @@ def add_arguments(parser) -> None:
     parser.add_argument("--paper-results", type=Path, required=True, help="the paper's numbers (YAML)")
     parser.add_argument("--training", type=Path, action="append", default=[], help="a peer's training stage folder (repeat): its cost")
     parser.add_argument("--aesthetic", type=Path, help="the aesthetic stage's folder: the filter measured again")
+    parser.add_argument("--data", type=Path, action="append", default=[],
+                        help="a data stage's folder, corpus, filter or download (repeat): what shrank the experiment")
 
 
 def _fmt(value, digits=2, spread=None) -> str:
@@ -160,6 +163,31 @@ def peers_note() -> str:
         "keeps its default behaviour, is left out). s/step and peak memory are what each training job measured here (jobs ran side by side; "
         "CPU: the process's peak RSS); benchmarks/sp_step.py compares them in one controlled run."
     )
+
+
+def data_warnings(folders: list[Path]) -> list[str]:
+    """What shrank the experiment without stopping it, in words, from the records of the data
+    stages: fewer COCO captions than asked, LAION rows without a score, URLs that could not be fetched."""
+    warnings, downloads = [], []
+    for folder in folders:
+        summary, stats = folder / "summary.json", folder / "stats.json"
+        if summary.is_file():
+            corpus = read_json(summary)
+            asked = corpus.get("eval_captions_asked")
+            if asked and corpus["eval_rows"] < asked:
+                warnings.append(f"The evaluation uses {corpus['eval_rows']} COCO captions, fewer than the {asked} asked (corpus.num_eval_captions).")
+        if stats.is_file():
+            record = read_json(stats)
+            if "removed_by" in record:
+                for name, count in record["removed_by"].items():
+                    if name.startswith("missing_") and name != "missing_url_or_text" and count:
+                        warnings.append(f"{count} of {record['rows_in']} LAION rows have no {name.removeprefix('missing_')} (NaN) and were removed.")
+            if "failed_to_download" in record:
+                downloads.append(record)
+    count, dead, written = (sum(record[key] for record in downloads) for key in ("count", "failed_to_download", "written"))
+    if count and dead / count > DEAD_URL_WARNING:
+        warnings.append(f"{100 * dead / count:.0f}% of the URLs could not be fetched ({dead} of {count}): the models train on {written} images.")
+    return warnings
 
 
 def aesthetic_section(stats: dict) -> tuple[list[list[str]], str]:
@@ -347,9 +375,11 @@ def run(args, config, scale, out) -> None:
         f" The Table 1 and 8 runs are trained with {config.train.seeds} seeds (mean ± half its 95% interval over them); the ablations once."
         if config.train.seeds > 1 else " Every run is trained once (one training seed)."
     )  # fmt: skip
+    shrunk = data_warnings(args.data)
     intro = (
         f"Scale `{scale}`: {config.sample.num_images} samples per row, FID and IS from the "
         f"`{config.featnet.kind}` feature network.{seeds}{caveat}"
+        + (f" Data warnings: {' '.join(shrunk)}" if shrunk else "")
     )
     verdicts_note = (
         "Each verdict is computed: a difference is supported when its 95% interval lies wholly on the claimed side, contradicted "
