@@ -72,7 +72,7 @@ def test_snakemake_runs_the_rehearsal_scale_resumes_a_killed_training_job_and_re
     stats = [json.loads((runs_dir / f"download_part{i}" / "stats.json").read_text()) for i in range(config.download.num_jobs)]
     assert sum(s["successes"] for s in stats) > 0 and any("404" in kind for s in stats for kind in s["errors"])
     featnet = json.loads((runs_dir / "featnet" / "summary.json").read_text())
-    assert featnet["kind"] == "inception" and (runs_dir / "featnet" / "inception-v3.pth").is_file()
+    assert featnet["kind"] == "inception" and (runs_dir / "featnet" / "inception-v3.safetensors").is_file()  # converted: no pickle read again
     coco = json.loads((copy / config.corpus.coco_captions).read_text())
     first = {a["image_id"] for a in coco["annotations"][: config.corpus.num_eval_captions]}
     assert featnet["reference_images"] == len(first) < config.corpus.num_eval_captions  # each image once
