@@ -381,7 +381,7 @@ EXTERNAL_CASES = ["a parquet that is really a CSV", "lower-case LAION columns", 
                   "an annotation of an unknown image", "a COCO image missing on disk"]  # fmt: skip
 
 
-def _corpus(capsys, repo, files, out, *extra):
+def _external_corpus(capsys, repo, files, out, *extra):
     overrides = ["corpus.source=external", *(f"corpus.{key}={path}" for key, path in files.items()), *extra]
     return stage(capsys, repo, "corpus", out, *(f"--set={o}" for o in overrides))
 
@@ -390,7 +390,7 @@ def _corpus(capsys, repo, files, out, *extra):
 def test_a_malformed_external_file_is_named_in_one_line(capsys, repo, rehearsal_inputs, tmp_path, case):
     files = _external_inputs(rehearsal_inputs, tmp_path)
     expected = _break(case, files)
-    code, first = _corpus(capsys, repo, files, tmp_path / "corpus", "corpus.num_eval_captions=8")
+    code, first = _external_corpus(capsys, repo, files, tmp_path / "corpus", "corpus.num_eval_captions=8")
     assert code == 1 and first.startswith(f"corpus: {expected}"), first
     assert_nothing_written(tmp_path / "corpus")
 
@@ -399,7 +399,7 @@ def test_fewer_coco_captions_than_asked_are_used_with_a_warning(capsys, caplog, 
     files = _external_inputs(rehearsal_inputs, tmp_path)
     available = len(json.loads(files["coco_captions"].read_text())["annotations"])
     with caplog.at_level("WARNING"):
-        code, first = _corpus(capsys, repo, files, tmp_path / "corpus", f"corpus.num_eval_captions={available + 5}")
+        code, first = _external_corpus(capsys, repo, files, tmp_path / "corpus", f"corpus.num_eval_captions={available + 5}")
     assert code == 0, first
     assert f"holds {available} captions, fewer than corpus.num_eval_captions = {available + 5}" in caplog.text
     summary = json.loads((tmp_path / "corpus" / "summary.json").read_text())

@@ -175,7 +175,7 @@ def test_sigterm_to_the_launcher_mid_checkpoint_stops_every_rank_after_a_complet
     assert stopped.returncode == 143, output[-4000:]
     assert output.count("training stopped by SIGTERM after step 3") == 2, output[-4000:]  # both ranks, after the same step
     (configuration,) = (tmp_path / "checkpoints" / "stopped").iterdir()
-    (store,) = configuration.iterdir()  # this execution's: run-1
+    (store,) = configuration.glob("run-*")  # this execution's: run-1 (beside it, train.lock)
     assert sorted(path.name for path in store.glob("step-*")) == ["step-00000002", "step-00000003"]
     state = json.loads((store / "step-00000003" / "state.json").read_text())
     assert state["step"] == 3 and {path.name for path in (store / "step-00000003").iterdir()} == {

@@ -94,16 +94,16 @@ def _run(args, argv) -> int:
     if distributed.rank() != 0:  # another process of such a launch: it works, the first one writes
         args.module.run(args, config, scale, None)
         return 0
-    try:  # one process writes a stage's output at a time (Snakemake and DVC run the same commands)
+    try:
+        # One process writes a stage's output at a time (Snakemake and DVC run the same commands).
         _held = hold_exclusively(args.out.parent / f".{args.out.name}.lock", f"{args.stage} --out {args.out}")  # until this returns
+        with atomic_dir(args.out) as out:
+            write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **resolved.model_dump()})
+            report = args.module.run(args, config, scale, out)
     except Busy as busy:
         print(f"error: {args.stage}: {args.out} is being written by another process ({busy.holder}); wait for it to end, "
               "or stop it (two runs of the pipeline, e.g. Snakemake and dvc repro, at once?)", file=sys.stderr)
         return 1
-    try:
-        with atomic_dir(args.out) as out:
-            write_json(out / "params.json", {"scale": scale, "stage": args.stage, "overrides": args.overrides, **resolved.model_dump()})
-            report = args.module.run(args, config, scale, out)
     except MethodError as error:  # the method's terms, in the command line's: an input is its flag
         print(f"error: {message(error)}", file=sys.stderr)
         return 1
