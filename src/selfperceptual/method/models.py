@@ -22,6 +22,7 @@ from . import objectives
 from .device import Runtime
 from .errors import InputError, MissingComponent
 from .schedule import Schedule
+from .unet import finite_weights
 
 # The UNet of stabilityai/stable-diffusion-2-1-base (its unet/config.json), for tests and benchmarks
 # of the paper's architecture without its weights.
@@ -177,7 +178,7 @@ def load_stage_pipeline(input: str, stage_folder: Path, runtime: Runtime | None 
         reason = " ".join(str(error).split())
         raise InputError(input, f"cannot load the pipeline in {folder}: {reason}", stage_folder) from error
     for name, component in pipeline.components.items():  # a dead model (a diverged training) would give black images and an FID
-        if isinstance(component, torch.nn.Module) and not all(bool(p.isfinite().all()) for p in component.parameters()):
+        if isinstance(component, torch.nn.Module) and not finite_weights(component):
             raise InputError(input, f"the weights of {name} in {folder} are not finite (NaN or inf): was its training diverging?", stage_folder)
     return pipeline
 

@@ -30,6 +30,12 @@ _ENCODER_PARTS = ("conv_in", "time_proj", "time_embedding", "down_blocks")
 COMPILE_BACKEND = "inductor"
 
 
+def finite_weights(model: torch.nn.Module) -> bool:
+    """Whether every parameter of ``model`` is finite (one host sync)."""
+    found = [p.detach().isfinite().all() for p in model.parameters()]
+    return not found or bool(torch.stack(found).all())
+
+
 def compiled(function):
     """``function`` (a network's forward) under torch.compile with ``COMPILE_BACKEND``."""
     return torch.compile(function, backend=COMPILE_BACKEND)

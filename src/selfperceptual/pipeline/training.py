@@ -21,7 +21,7 @@ from ..method import objectives
 from .checkpoints import CheckpointStore
 from .data.latents import LatentData  # noqa: F401 - the training set, re-exported for the stages and tests
 from .distributed import ACCELERATE_PRECISION, BatchPlan, sample_generators
-from ..method.unet import compiled
+from ..method.unet import compiled, finite_weights
 
 NUM_T_BUCKETS = 4  # the loss is also logged per quarter of the timestep range
 
@@ -79,11 +79,6 @@ class TrainingDiverged(Exception):
         what = "the weights after step" if weights else "the loss at step"
         super().__init__(f"{what} {step} are not finite (NaN or inf)" if weights else f"{what} {step} is not finite (NaN or inf)")
         self.step, self.data_finite, self.weights = step, data_finite, weights
-
-
-def finite_weights(model: torch.nn.Module) -> bool:
-    """Whether every parameter of ``model`` is finite (one host sync)."""
-    return bool(torch.stack([p.detach().isfinite().all() for p in model.parameters()]).all())
 
 
 class StopFlag:
